@@ -150,6 +150,17 @@ class Adapter(ABC):
         return self.run(batch, capture=capture, interventions={site: lambda act, _: activation})
 
 
+def block_hook_point(layers: nn.ModuleList, site: Site, attn: str = "self_attn", mlp: str = "mlp") -> tuple[nn.Module, str]:
+    """Sites of a stack of residual blocks: embed is the input to block 0, attn_out / mlp_out the
+    outputs of the submodules at the paths `attn` / `mlp` (attention and feed-forward, or
+    mixture-of-experts, before they join the residual), resid_post the block's output."""
+    if site.point == "embed":
+        return layers[0], "pre"
+    layer = layers[site.block]
+    return {"resid_post": (layer, "post"), "attn_out": (layer.get_submodule(attn), "post"),
+            "mlp_out": (layer.get_submodule(mlp), "post")}[site.point]
+
+
 def _install(module: nn.Module, where: str, site: str, edit: Intervention | None, keep: bool, cache: dict,
              reduce: Callable[[torch.Tensor, str], Any] | None = None):
     def apply(hidden: torch.Tensor) -> torch.Tensor:

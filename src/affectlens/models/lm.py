@@ -5,21 +5,8 @@ which audio and video placeholders were expanded into many tokens."""
 from __future__ import annotations
 
 import numpy as np
-from torch import nn
 
 from affectlens.models.positions import Positions
-from affectlens.models.sites import Site
-
-
-def block_hook_point(layers: nn.ModuleList, site: Site, attn: str = "self_attn", mlp: str = "mlp") -> tuple[nn.Module, str]:
-    """Sites of a pre-norm block stack (Llama/Qwen layout): embed is the input to block 0,
-    attn_out / mlp_out the attention / feed-forward (or mixture-of-experts) outputs before they
-    join the residual, resid_post the block's output."""
-    if site.point == "embed":
-        return layers[0], "pre"
-    layer = layers[site.block]
-    return {"resid_post": (layer, "post"), "attn_out": (layer.get_submodule(attn), "post"),
-            "mlp_out": (layer.get_submodule(mlp), "post")}[site.point]
 
 
 def prompt_positions(input_ids: np.ndarray, attention_mask: np.ndarray, tokens: list[str],

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from transformers import AutoProcessor, MusicgenForConditionalGeneration
 
-from affectlens.models.base import Adapter, Batch, Intervention
+from affectlens.models.base import Adapter, Batch, Intervention, block_hook_point
 from affectlens.models.lm import prompt_positions
 from affectlens.models.loading import input_device, load_pretrained, load_processor
 from affectlens.models.positions import Positions
@@ -66,18 +66,10 @@ class MusicgenAdapter(Adapter):
         return {"text": len(self.t5_blocks), "decoder": len(self.decoder_layers)}
 
     def _hook_point(self, site: Site) -> tuple[nn.Module, str]:
-        if site.tower == "text":
-            if site.point == "embed":
-                return self.t5_blocks[0], "pre"
-            block = self.t5_blocks[site.block]
-            return {"resid_post": (block, "post"), "attn_out": (block.layer[0].SelfAttention, "post"),
-                    "mlp_out": (block.layer[-1].DenseReluDense, "post")}[site.point]
+        if site.tower == "text":  # T5 encoder blocks: layer[0] self-attention, layer[1] feed-forward
+            return block_hook_point(self.t5_blocks, site, attn="layer.0.SelfAttention", mlp="layer.1.DenseReluDense")
         if site.tower == "decoder":
-            if site.point == "embed":
-                return self.decoder_layers[0], "pre"
-            layer = self.decoder_layers[site.block]
-            return {"resid_post": (layer, "post"), "attn_out": (layer.self_attn, "post"),
-                    "mlp_out": (layer.fc2, "post")}[site.point]
+            return block_hook_point(self.decoder_layers, site, mlp="fc2")
         raise SiteError(f"site {site}: MusicGen has the towers 'text' and 'decoder'")
 
     def _text(self, texts: list[str]) -> tuple[dict, list[Positions]]:

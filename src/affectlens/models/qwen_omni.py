@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from affectlens.models.base import Adapter, Batch
-from affectlens.models.lm import block_hook_point, prompt_positions
+from affectlens.models.base import Adapter, Batch, block_hook_point
+from affectlens.models.lm import prompt_positions
 from affectlens.models.loading import input_device, load_pretrained, load_processor
 from affectlens.models.positions import Positions, flat_positions, patch_positions
 from affectlens.models.sites import Site, SiteError
@@ -95,11 +95,7 @@ class QwenOmniAdapter(Adapter):
 
     def _hook_point(self, site: Site) -> tuple[nn.Module, str]:
         if site.tower == "audio":
-            if site.point == "embed":
-                return self.audio_tower.layers[0], "pre"
-            layer = self.audio_tower.layers[site.block]
-            return {"resid_post": (layer, "post"), "attn_out": (layer.self_attn, "post"),
-                    "mlp_out": (layer.fc2, "post")}[site.point]
+            return block_hook_point(self.audio_tower.layers, site, mlp="fc2")
         if site.tower == "vision":
             return block_hook_point(self.visual.blocks, site, attn="attn", mlp="mlp")
         if site.tower == "thinker":

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from affectlens.models.base import Adapter, Batch
-from affectlens.models.lm import block_hook_point, prompt_positions
+from affectlens.models.base import Adapter, Batch, block_hook_point
+from affectlens.models.lm import prompt_positions
 from affectlens.models.loading import input_device, load_pretrained, load_processor
 from affectlens.models.positions import flat_positions, patch_positions
 from affectlens.models.sites import Site, SiteError

@@ -39,7 +39,7 @@ from transformers import (
     WavLMModel,
 )
 
-from affectlens.models.base import Adapter, Batch
+from affectlens.models.base import Adapter, Batch, block_hook_point
 from affectlens.models.loading import input_device, load_pretrained, load_processor
 from affectlens.models.positions import audio_positions
 from affectlens.models.sites import Site, SiteError
@@ -98,11 +98,7 @@ class SpeechEncoderAdapter(Adapter):
     def _hook_point(self, site: Site) -> tuple[nn.Module, str]:
         if site.tower != "encoder":
             raise SiteError(f"site {site}: {self.family} has only the tower 'encoder'")
-        if site.point == "embed":
-            return self.encoder.layers[0], "pre"
-        layer = self.encoder.layers[site.block]
-        return {"resid_post": (layer, "post"), "attn_out": (layer.attention, "post"),
-                "mlp_out": (layer.feed_forward, "post")}[site.point]
+        return block_hook_point(self.encoder.layers, site, attn="attention", mlp="feed_forward")
 
     @property
     def receptive_field(self) -> int:

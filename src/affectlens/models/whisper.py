@@ -33,7 +33,7 @@ from transformers import (
     WhisperTokenizer,
 )
 
-from affectlens.models.base import Adapter, Batch
+from affectlens.models.base import Adapter, Batch, block_hook_point
 from affectlens.models.ct2 import CT2Model, read_ct2
 from affectlens.models.loading import weights_digest
 from affectlens.models.positions import audio_positions, text_positions
@@ -368,11 +368,7 @@ class WhisperAdapter(Adapter):
             raise SiteError(f"site {site}: this Whisper adapter exposes the towers {self.towers}; make it with "
                             "towers=('encoder', 'decoder') for decoder sites")
         tower = self.encoder if site.tower == "encoder" else self.decoder
-        if site.point == "embed":
-            return tower.layers[0], "pre"
-        layer = tower.layers[site.block]
-        return {"resid_post": (layer, "post"), "attn_out": (layer.self_attn, "post"),
-                "mlp_out": (layer.fc2, "post")}[site.point]
+        return block_hook_point(tower.layers, site, mlp="fc2")
 
     def prepare(self, clips: list) -> Batch:
         """16 kHz mono waves -> log-mel `input_features` [clip, mel, 3000] (each clip padded with
