@@ -21,6 +21,7 @@ from affectlens.data.annotations import options
 MODULES = {
     "meld": "affectlens.data.meld",
     "crema_d": "affectlens.data.crema_d",
+    "ravdess": "affectlens.data.ravdess",
     "pmemo": "affectlens.data.pmemo",
     "deam": "affectlens.data.deam",
     "folder": "affectlens.data.folder",
