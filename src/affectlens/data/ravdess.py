@@ -160,6 +160,12 @@ def build_manifest(raw_dir: Path, dataset: str, opts: Options) -> tuple[pd.DataF
     audio = Path(raw_dir) / "audio"
     if not audio.is_dir():
         raise FileNotFoundError(f"{audio}: no audio folder; did the raw stage run?")
+    return index(audio, dataset, opts), []
+
+
+def index(audio: str | Path, dataset: str = "ravdess", opts: Options = Options()) -> pd.DataFrame:
+    """The manifest of the RAVDESS speech clips anywhere below `audio` (e.g. its Actor_NN/ folders)."""
+    audio = Path(audio)
     files = sorted(p for p in audio.glob("**/*") if p.suffix.lower() in EXTENSIONS and p.is_file())
     rows, seen = [], {}
     for p in files:
@@ -187,4 +193,4 @@ def build_manifest(raw_dir: Path, dataset: str, opts: Options) -> tuple[pd.DataF
     strata = dict(zip(manifest["speaker"], manifest["sex"]))
     splits = speaker_split(manifest["speaker"], opts.test_fraction, opts.dev_fraction, opts.split_seed, strata)
     manifest["split"] = manifest["speaker"].map(splits)
-    return manifest, []
+    return manifest
