@@ -63,6 +63,13 @@ class Options:
     """A folder that already holds the extracted clip folders; nothing is downloaded."""
     annotations_dir: str | None = None
     """A folder holding {train,dev,test}_sent_emo.csv, used instead of the tables inside the tarball."""
+    annotations_hub: str | None = None
+    """A Hugging Face dataset with the published columns (e.g. TwinkStart/MELD), read through
+    `datasets` instead of the tables inside the tarball."""
+    annotations_hub_revision: str | None = None
+    """The Hub dataset's commit to read (pins the annotations a study used)."""
+    annotations_hub_splits: dict | None = None
+    """Hub split name of each official split, where they differ (default: dev -> validation)."""
     splits: tuple[str, ...] = SPLITS
     """Official splits to include."""
     label: str = "emotion"
@@ -73,6 +80,8 @@ class Options:
         bad = [s for s in self.splits if s not in SPLITS]
         if bad or not self.splits:
             raise ValueError(f"meld.splits: {list(self.splits)} must be a non-empty subset of {list(SPLITS)}")
+        if self.annotations_dir and self.annotations_hub:
+            raise ValueError("meld.annotations_dir and meld.annotations_hub: give one source of annotations")
         if self.label not in ("emotion", "sentiment"):
             raise ValueError(f"meld.label: {self.label!r} must be 'emotion' or 'sentiment'")
 
@@ -94,6 +103,40 @@ def fetch(raw_dir: Path, opts: Options, cache: Path) -> None:
                 raise FileNotFoundError(f"meld.annotations_dir: {src} does not exist")
             (raw_dir / "annotations").mkdir(exist_ok=True)
             shutil.copyfile(src, raw_dir / "annotations" / src.name)
+    if opts.annotations_hub:
+        annotations_from_hub(opts.annotations_hub, raw_dir / "annotations", opts.splits,
+                             opts.annotations_hub_revision, opts.annotations_hub_splits)
+
+
+def annotations_from_hub(repo: str, out_dir: Path, splits=SPLITS, revision: str | None = None,
+                         split_names: dict | None = None) -> list[Path]:
+    """Write `{split}_sent_emo.csv` for each official split from a Hub dataset (id or local
+    folder) that carries the published columns, so that the rest of the adapter reads them
+    exactly as it reads the tarball's tables. Other columns (audio, paths) are dropped."""
+    from datasets import load_dataset
+
+    from affectlens.io import atomic_path
+
+    names = {"dev": "validation", **(split_names or {})}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for split in splits:
+        name = names.get(split, split)
+        try:
+            ds = load_dataset(repo, split=name, revision=revision)
+        except ValueError as e:  # an unknown split name
+            raise AnnotationError(f"meld.annotations_hub {repo!r}: no split {name!r} for official split {split!r} "
+                                  f"({e}); map it with meld.annotations_hub_splits") from None
+        missing = [c for c in REQUIRED if c not in ds.column_names]
+        if missing:
+            raise AnnotationError(f"meld.annotations_hub {repo!r} split {name!r}: columns {missing} are missing "
+                                  f"(it has {ds.column_names}); it must carry the published MELD columns")
+        table = ds.select_columns([c for c in COLUMNS if c in ds.column_names]).to_pandas()
+        with atomic_path(out_dir / f"{split}_sent_emo.csv") as tmp:
+            table.to_csv(tmp, index=False, encoding="utf-8")
+        written.append(out_dir / f"{split}_sent_emo.csv")
+        log.info("%s split %s: %d annotation rows from the Hub", repo, name, len(table))
+    return written
 
 
 def parse_time(value: str) -> float:
