@@ -175,9 +175,13 @@ def check_clip(x: np.ndarray, sr: int, min_duration: float, max_duration: float,
         return f"too short: {duration:.3f} s < min_duration {min_duration} s"
     if duration > max_duration:
         return f"too long: {duration:.1f} s > max_duration {max_duration} s"
-    rms = float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
-    if rms < silence_rms:
-        return f"silent: RMS {rms:.1e} below {silence_rms:.0e}"
+    # the loudest 50 ms, not the clip's mean: quiet speech between long pauses (a whispered sad
+    # take) has a low mean RMS and is still speech; only a clip with no loud moment is silent
+    hop = max(1, int(0.05 * sr))
+    frames = np.square(x[: len(x) // hop * hop] if len(x) >= hop else x, dtype=np.float64)
+    loudest = float(np.sqrt(frames.reshape(-1, min(hop, len(x))).mean(1).max()))
+    if loudest < silence_rms:
+        return f"silent: loudest 50 ms has RMS {loudest:.1e}, below {silence_rms:.0e}"
     return None
 
 
