@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import soundfile as sf
 import torch
-from transformers import BertConfig, BertModel, Wav2Vec2Config, Wav2Vec2Model
+from transformers import Wav2Vec2Config, Wav2Vec2Model
 
 from affectlens import stages
 from affectlens.data.manifest import write_manifest

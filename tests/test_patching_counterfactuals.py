@@ -1,14 +1,13 @@
 """Corrupt runs without a parallel clip: embedding noise (ROME) and prosody neutralisation."""
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
 from affectlens.patching.counterfactuals import (NOISE_FACTOR, corpus_std, embedding_noise, equalise_rate,
                                                  f0_track, flatten_energy, frame_rms, prosody_neutral,
                                                  speaking_rate)
-from affectlens.patching.patch import patch_pair, summarise, time_windows
+from affectlens.patching.patch import patch_pair, time_windows
 from planted import PlantedAdapter, planted_clip
 from test_patching import SITES, planted_metric
 

@@ -333,9 +333,8 @@ def sae(store_path, manifest_path, site: str, params: dict, label_column: str, o
     rank), top_clips.tsv (each feature's top clips with the frame of peak activation),
     sparse_probe.tsv (accuracy of the top-k features per label), fidelity.tsv (reconstruction
     spliced back into the model vs zero-ablation; needs `model_cfg`) and dashboard.html."""
-    import json
-
     from affectlens.data.manifest import read_manifest
+    from affectlens.io import write_json
     from affectlens.probes.sweep import align_manifest
     from affectlens.sae.concept import sparse_probe
     from affectlens.sae.features import clip_features, feature_stats, peak_frames, top_activating
@@ -397,7 +396,7 @@ def sae(store_path, manifest_path, site: str, params: dict, label_column: str, o
                     clip_labels=dict(zip(manifest["clip_id"].astype(str), labels)), metrics=metrics,
                     fidelity=fidelity, n_features=params["dashboard_features"],
                     title=f"SAE features at {site} ({arch}, {cfg.n_latents} latents)")
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")  # last: the folder is complete
+    write_json(out_dir / "metrics.json", metrics)  # last, and atomically: the folder is complete
 
 
 def _sae_fidelity(store, manifest, rows, labels, site, sae_model, model_cfg, params):

@@ -362,62 +362,68 @@ def merge_stores(parts: list[str | Path], out_path: str | Path, require_all: boo
     Refuses overlapping or missing ranges, and parts whose settings differ (model, revision,
     dtype, sites, config, manifest). With `require_all`, the ranges must cover the whole manifest.
     Reads and writes `chunk_clips` clips at a time, so memory does not grow with the store."""
-    stores = [Store(p) for p in parts]
-    try:
-        if not stores:
-            raise MergeError(f"no stores to merge into {out_path}")
-        ranges = [tuple(json.loads(_attr(s, "clip_range"))) for s in stores]
-        order = np.argsort([r[0] for r in ranges], kind="stable")
-        stores, ranges = [stores[i] for i in order], [ranges[i] for i in order]
-        ref = stores[0]
-        for s in stores[1:]:
-            diff = [k for k in MERGE_KEYS if _attr(s, k) != _attr(ref, k)]
-            if diff:
-                raise MergeError(f"{s.path} and {ref.path} differ in {diff} "
-                                 f"({[(_attr(s, k), _attr(ref, k)) for k in diff]}); they were not made by one extraction "
-                                 "configuration: rerun the stale shards")
-        for s, (a, b) in zip(stores, ranges):
-            if len(s.clip_ids) != b - a:
-                raise MergeError(f"{s.path}: clip_range [{a}, {b}) but {len(s.clip_ids)} clips")
-        for (a0, b0), (a1, b1), s0, s1 in zip(ranges, ranges[1:], stores, stores[1:]):
-            if a1 < b0:
-                raise MergeError(f"{s0.path} [{a0}, {b0}) and {s1.path} [{a1}, {b1}) overlap")
-            if a1 > b0:
-                raise MergeError(f"clips [{b0}, {a1}) are in none of the stores (between {s0.path} and {s1.path})")
-        total = _attr(ref, "n_clips_total")
-        if require_all and (ranges[0][0] != 0 or ranges[-1][1] != total):
-            raise MergeError(f"the stores cover clips [{ranges[0][0]}, {ranges[-1][1]}) of {total}; "
-                             "a shard is missing")
+    stores = []
+    for p in parts:  # metadata only: a merge of thousands of chunks must not hold them all open
+        with Store(p) as s:  # (each open file keeps ~1 MiB of HDF5 chunk cache, and a descriptor)
+            s.dims = {site: s.dim(site) for site in s.sites}
+            s.with_positions = {t: f"towers/{t}/positions" in s.h5 for t in s.towers}
+        stores.append(s)
+    if not stores:
+        raise MergeError(f"no stores to merge into {out_path}")
+    ranges = [tuple(json.loads(_attr(s, "clip_range"))) for s in stores]
+    order = np.argsort([r[0] for r in ranges], kind="stable")
+    stores, ranges = [stores[i] for i in order], [ranges[i] for i in order]
+    ref = stores[0]
+    for s in stores[1:]:
+        diff = [k for k in MERGE_KEYS if _attr(s, k) != _attr(ref, k)]
+        if diff:
+            raise MergeError(f"{s.path} and {ref.path} differ in {diff} "
+                             f"({[(_attr(s, k), _attr(ref, k)) for k in diff]}); they were not made by one extraction "
+                             "configuration: rerun the stale shards")
+    for s, (a, b) in zip(stores, ranges):
+        if len(s.clip_ids) != b - a:
+            raise MergeError(f"{s.path}: clip_range [{a}, {b}) but {len(s.clip_ids)} clips")
+    for (a0, b0), (a1, b1), s0, s1 in zip(ranges, ranges[1:], stores, stores[1:]):
+        if a1 < b0:
+            raise MergeError(f"{s0.path} [{a0}, {b0}) and {s1.path} [{a1}, {b1}) overlap")
+        if a1 > b0:
+            raise MergeError(f"clips [{b0}, {a1}) are in none of the stores (between {s0.path} and {s1.path})")
+    total = _attr(ref, "n_clips_total")
+    if require_all and (ranges[0][0] != 0 or ranges[-1][1] != total):
+        raise MergeError(f"the stores cover clips [{ranges[0][0]}, {ranges[-1][1]}) of {total}; "
+                         "a shard is missing")
 
-        sites = {site: ref.dim(site) for site in ref.sites}
-        clip_ids = [c for s in stores for c in s.clip_ids]
-        attrs = {k: v for k, v in ref.attrs.items()
-                 if k not in ("complete", "storage_dtype", "sites", "towers", "format_version")}
-        attrs["clip_range"] = json.dumps([ranges[0][0], ranges[-1][1]])
-        with_positions = {t: f"towers/{t}/positions" in ref.h5 for t in ref.towers}
-        with write_store(out_path, sites, clip_ids, attrs, ref.storage_dtype) as w:
-            for s in stores:
-                if {t: f"towers/{t}/positions" in s.h5 for t in s.towers} != with_positions:
-                    raise MergeError(f"{s.path} and {ref.path} differ in which towers record positions")
-                for c0 in range(0, len(s.clip_ids), chunk_clips):
-                    c1 = min(c0 + chunk_clips, len(s.clip_ids))
-                    n_frames, rows, pooled, positions = {}, {}, {}, {}
-                    for tower in s.towers:
-                        off = s.offsets_of(tower)
-                        n_frames[tower] = np.diff(off[c0:c1 + 1])
-                        if with_positions[tower]:
-                            g = s.h5[f"towers/{tower}/positions"]
-                            positions[tower] = {k: g[k][off[c0]:off[c1]] for k in ("kind", "time", "frame", "token")}
-                    for site in s.sites:
-                        off = s.offsets_of(site)
-                        rows[site] = s._site(site)["frames"][off[c0]:off[c1]]
-                        pooled[site] = s._site(site)["pooled"][c0:c1]
-                    w.append_rows(n_frames, rows, pooled, positions or None)
-        _verify_merge(stores, Path(out_path))
-    finally:
-        for s in stores:
-            s.close()
+    sites = dict(ref.dims)
+    clip_ids = [c for s in stores for c in s.clip_ids]
+    attrs = {k: v for k, v in ref.attrs.items()
+             if k not in ("complete", "storage_dtype", "sites", "towers", "format_version")}
+    attrs["clip_range"] = json.dumps([ranges[0][0], ranges[-1][1]])
+    with_positions = ref.with_positions
+    with write_store(out_path, sites, clip_ids, attrs, ref.storage_dtype) as w:
+        for meta in stores:
+            if meta.with_positions != with_positions:
+                raise MergeError(f"{meta.path} and {ref.path} differ in which towers record positions")
+            with Store(meta.path) as s:
+                _copy_part(s, w, with_positions, chunk_clips)
+    _verify_merge(stores, Path(out_path))
     return Path(out_path)
+
+
+def _copy_part(s: Store, w: StoreWriter, with_positions: dict, chunk_clips: int) -> None:
+    for c0 in range(0, len(s.clip_ids), chunk_clips):
+        c1 = min(c0 + chunk_clips, len(s.clip_ids))
+        n_frames, rows, pooled, positions = {}, {}, {}, {}
+        for tower in s.towers:
+            off = s.offsets_of(tower)
+            n_frames[tower] = np.diff(off[c0:c1 + 1])
+            if with_positions[tower]:
+                g = s.h5[f"towers/{tower}/positions"]
+                positions[tower] = {k: g[k][off[c0]:off[c1]] for k in ("kind", "time", "frame", "token")}
+        for site in s.sites:
+            off = s.offsets_of(site)
+            rows[site] = s._site(site)["frames"][off[c0]:off[c1]]
+            pooled[site] = s._site(site)["pooled"][c0:c1]
+        w.append_rows(n_frames, rows, pooled, positions or None)
 
 
 def _verify_merge(stores: list[Store], out_path: Path) -> None:
@@ -427,16 +433,21 @@ def _verify_merge(stores: list[Store], out_path: Path) -> None:
             if merged.clip_ids != [c for s in stores for c in s.clip_ids]:
                 raise MergeError(f"{out_path}: merged clip ids differ from the parts'")
             clip0 = 0
-            for s in stores:
-                n = len(s.clip_ids)
-                for site in s.sites:
-                    got, want = merged.n_frames_of(site)[clip0:clip0 + n], s.n_frames_of(site)
-                    if not np.array_equal(got, want):
-                        raise MergeError(f"{out_path}: frame counts of {site} differ from {s.path}'s")
-                    for i in {0, n - 1}:
-                        if not np.array_equal(merged.clip_frames(site, clip0 + i), s.clip_frames(site, i)):
-                            raise MergeError(f"{out_path}: frames of clip {s.clip_ids[i]} at {site} differ from {s.path}'s")
-                clip0 += n
+            for meta in stores:
+                with Store(meta.path) as s:
+                    _verify_part(merged, s, clip0, out_path)
+                clip0 += len(meta.clip_ids)
     except MergeError:
         out_path.unlink(missing_ok=True)
         raise
+
+
+def _verify_part(merged: Store, s: Store, clip0: int, out_path: Path) -> None:
+    n = len(s.clip_ids)
+    for site in s.sites:
+        got, want = merged.n_frames_of(site)[clip0:clip0 + n], s.n_frames_of(site)
+        if not np.array_equal(got, want):
+            raise MergeError(f"{out_path}: frame counts of {site} differ from {s.path}'s")
+        for i in {0, n - 1}:
+            if not np.array_equal(merged.clip_frames(site, clip0 + i), s.clip_frames(site, i)):
+                raise MergeError(f"{out_path}: frames of clip {s.clip_ids[i]} at {site} differ from {s.path}'s")

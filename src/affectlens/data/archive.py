@@ -13,6 +13,7 @@ the inner archive to disk. macOS resource forks (`._name`, `__MACOSX/`) are skip
 from __future__ import annotations
 
 import bz2
+import errno
 import gzip
 import io
 import lzma
@@ -207,7 +208,14 @@ def extract(archive: str | Path, target: str | Path, nested: bool | Callable[[st
             raise
         except ArchiveError:
             raise
-        except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError, OSError) as e:
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):  # the disk, not the archive
+                raise ArchiveError(f"{archive}: cannot extract into {target}: {e.strerror or e} "
+                                   f"(errno {errno.errorcode[e.errno]}); free space (or fix permissions) and rerun. "
+                                   f"The archive itself may be fine; {target} was left as it was") from e
+            raise ArchiveError(f"{archive}: truncated or corrupt archive ({type(e).__name__}: {e}); "
+                               "delete it and download it again") from e
+        except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError) as e:
             raise ArchiveError(f"{archive}: truncated or corrupt archive ({type(e).__name__}: {e}); "
                                "delete it and download it again") from e
         _merge_into(staging, target)

@@ -15,7 +15,8 @@ from pathlib import Path
 import pandas as pd
 
 from affectlens.data.annotations import rejection
-from affectlens.data.decode import SAMPLE_RATE, SILENCE_RMS, DecodeError, check_clip, decode_clip, probe_duration
+from affectlens.data.decode import (SAMPLE_RATE, SILENCE_RMS, DecodeError, check_clip, decode_clip, probe_duration,
+                                    too_long_by_header)
 
 MODES = ("decode", "header", "none")
 
@@ -69,6 +70,9 @@ def check_row(row: dict, mode: str = "decode", media: str = "audio", min_duratio
             if start is not None and total is not None and start >= total:
                 return None, f"clip starts at {start:.2f} s but the video is {total:.2f} s long"
         elif mode == "decode":
+            too_long = too_long_by_header(path, start, end, max_duration)  # never decode hours to reject them
+            if too_long is not None:
+                return None, too_long
             x = decode_clip(path, start, end, sr=SAMPLE_RATE)
             reason = check_clip(x, SAMPLE_RATE, min_duration, max_duration, silence_rms)
             if reason is not None:

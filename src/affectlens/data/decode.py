@@ -102,9 +102,10 @@ def _read_av(path: Path, start: float | None, end: float | None) -> tuple[np.nda
         else:
             for out in resampler.resample(None):
                 blocks.append(out.to_ndarray().reshape(len(out.layout.channels), -1).mean(axis=0))
-    if native_sr is None:
-        native_sr = int(stream.rate or stream.codec_context.sample_rate or SAMPLE_RATE)
-        return np.zeros(0, np.float32), native_sr
+    if native_sr is None:  # not one frame: a file named as audio that is not (ffmpeg guesses hard)
+        window = f" from {start} s" if start else ""
+        raise DecodeError(f"{path}: not decodable as audio (ffmpeg took it for {container.format.name}, "
+                          f"but no audio frame decodes{window})")
     x = np.concatenate(blocks).astype(np.float32)
     lo = int(round(((start or 0.0) - t_first) * native_sr))
     hi = None if end is None else int(round((end - t_first) * native_sr))
@@ -128,6 +129,23 @@ def probe_duration(path: str | Path) -> float | None:
             return float(stream.duration * stream.time_base)
         if container.duration is not None:
             return container.duration / av.time_base
+    return None
+
+
+def too_long_by_header(path: str | Path, start, end, max_duration: float, slack: float = 1.0) -> str | None:
+    """The rejection reason of a clip whose container header already says it spans more than
+    `max_duration` (+ `slack`, for headers that estimate), so a 2-hour file is turned away without
+    decoding it; None when it does not, or when the header does not say (decoding decides)."""
+    start, end = _seconds(start), _seconds(end)
+    try:
+        total = probe_duration(path)
+    except Exception:  # noqa: BLE001 - unreadable header: let decoding give the reason
+        return None
+    if total is None:
+        return None
+    span = (min(end, total) if end is not None else total) - (start or 0.0)
+    if span > max_duration + slack:
+        return f"too long: {span:.1f} s > max_duration {max_duration} s (from the file header; not decoded)"
     return None
 
 
@@ -198,6 +216,10 @@ def _decode_row(row: dict, out_dir: Path, root: Path | None, sr: int, min_durati
     source = Path(row["path"])
     if root is not None and not source.is_absolute():
         source = root / source
+    if source.is_file() and source.stat().st_size > 0:
+        reason = too_long_by_header(source, row.get("start"), row.get("end"), max_duration)
+        if reason is not None:
+            return None, {"clip_id": row["clip_id"], "path": str(source), "reason": reason}
     try:
         x = decode_clip(source, row.get("start"), row.get("end"), sr=sr)
     except DecodeError as e:

@@ -12,6 +12,7 @@ http(s):// and file:// URLs and plain local paths are accepted (the last two are
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.client
 import json
@@ -32,6 +33,8 @@ from affectlens.io import write_json
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
+# Errors of the local disk, not of the transfer: retrying cannot help, so they stop at once.
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
 _RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -130,11 +133,15 @@ def _copy_local(src: Path, dest: Path, url: str, expected: Expected) -> Path:
         raise DownloadError(f"{url}: no such file; fix the path or URL in the config")
     tmp = part_path(dest)
     h, size = hashlib.sha256(), 0
-    with open(src, "rb") as fin, open(tmp, "wb") as fout:
-        while block := fin.read(CHUNK):
-            h.update(block)
-            fout.write(block)
-            size += len(block)
+    try:
+        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+            while block := fin.read(CHUNK):
+                h.update(block)
+                fout.write(block)
+                size += len(block)
+    except OSError as e:  # a local copy restarts from scratch: leave no part behind
+        tmp.unlink(missing_ok=True)
+        raise DownloadError(f"{url}: copying to {dest} failed: {e}; nothing was left under {dest.name}") from e
     return _finish(tmp, dest, url, h.hexdigest(), size, expected)
 
 
@@ -262,7 +269,14 @@ def download(url: str, dest: str | Path, sha256: str | None = None, size: int | 
             continue
         except DownloadError:
             raise
-        except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError, OSError) as e:
+        except OSError as e:
+            if e.errno in _DISK_ERRNOS and not isinstance(e, (urllib.error.URLError, ConnectionError, TimeoutError)):
+                raise DownloadError(f"{url}: cannot write {tmp}: {e.strerror or e} (errno {errno.errorcode[e.errno]}); "
+                                    f"free space (or fix permissions) and rerun: {tmp.name} keeps what was fetched "
+                                    "and the next run resumes from it") from e
+            last_error = e
+            continue
+        except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as e:
             last_error = e
             continue
         return _finish(tmp, dest, url, digest, n, expected)

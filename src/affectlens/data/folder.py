@@ -136,5 +136,6 @@ def build_manifest(raw_dir: Path, dataset: str, opts: Options) -> tuple[pd.DataF
     if no_speaker.any():
         log.warning("%d of %d clips have no speaker: each is its own group in cross-validation "
                     "(give a speaker column or folder.pattern to group them)", int(no_speaker.sum()), len(manifest))
-        manifest.loc[no_speaker, "speaker"] = manifest.loc[no_speaker, "clip_id"]
+        # object first: a column of only missing speakers is float, which refuses the string ids
+        manifest["speaker"] = manifest["speaker"].astype(object).where(~no_speaker, manifest["clip_id"])
     return manifest, []

@@ -62,6 +62,12 @@ def validate_manifest(df: pd.DataFrame, source: str = "manifest") -> pd.DataFram
     # Stray spaces ("happy " vs "happy") would silently split one class into two.
     for col in ("label", "speaker", "pair_key", "split"):
         df[col] = df[col].where(df[col].isna(), df[col].astype(str).str.strip())
+    # Nor may case ("Happy" vs "happy"): say so rather than guess which spelling is meant.
+    labels = pd.Series(sorted(set(df["label"].dropna().astype(str)) - {""}), dtype=str)
+    clash = labels[labels.str.casefold().duplicated(keep=False)]
+    if len(clash):
+        raise ManifestError(f"{source}: labels {clash.tolist()} differ only in case and would be separate classes; "
+                            "spell each label one way in the annotations")
     for col in _NUMERIC_COLUMNS:
         try:
             df[col] = pd.to_numeric(df[col])

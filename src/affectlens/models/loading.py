@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -94,9 +95,10 @@ def load_pretrained(cls: Any, source: str, revision: str | None = None, dtype: s
     load_kwargs = dict(dtype=torch_dtype(dtype), **kwargs)
     if device_map is not None:
         load_kwargs["device_map"] = device_map
+    if folder is not None:
+        rev = folder_revision(folder, revision)
     try:
         if folder is not None:
-            rev = folder_revision(folder, revision)
             model = cls.from_pretrained(folder, local_files_only=True, **load_kwargs)
         else:
             model = cls.from_pretrained(source, revision=revision, **load_kwargs)
@@ -107,6 +109,15 @@ def load_pretrained(cls: Any, source: str, revision: str | None = None, dtype: s
             f"Without internet: download it where there is (`hf download {source} --local-dir DIR`), "
             "copy DIR here and use DIR as the source."
         ) from e
+    except (RuntimeError, ValueError, pickle.UnpicklingError) as e:
+        if folder is None:
+            raise
+        # shapes that do not match config.json, or a pickled .bin that torch.load(weights_only=True) refused
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        first = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else type(e).__name__)
+        raise RuntimeError(f"cannot load the model in {folder} as {getattr(cls, '__name__', cls)}: {first} "
+                           f"({type(e).__name__}). Check that its weights belong to its config.json, and use "
+                           "safetensors weights (pickled weights that would run code are refused)") from e
     if device_map is None:
         model = model.to(resolve_device(device))
     return model.eval(), rev, where

@@ -48,11 +48,14 @@ def save_sae(sae: torch.nn.Module, out_dir: str | Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = {"architecture": architecture_of(sae), **sae.cfg.to_dict()}
     tmp = out_dir / "cfg.json.tmp"
-    tmp.write_text(json.dumps(cfg, indent=2) + "\n")
-    os.replace(tmp, out_dir / "cfg.json")
-    tmp = out_dir / "sae.safetensors.tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}, str(tmp))
-    os.replace(tmp, out_dir / "sae.safetensors")
+    try:  # a failed write (disk full) leaves no temp file and nothing under the final name
+        tmp.write_text(json.dumps(cfg, indent=2) + "\n")
+        os.replace(tmp, out_dir / "cfg.json")
+        tmp = out_dir / "sae.safetensors.tmp"
+        save_file({k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}, str(tmp))
+        os.replace(tmp, out_dir / "sae.safetensors")
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_sae(out_dir: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
@@ -66,6 +69,18 @@ def load_sae(out_dir: str | Path, device: str | torch.device = "cpu") -> torch.n
     architecture = cfg.pop("architecture", None)
     if architecture is None:
         raise ValueError(f"{cfg_path} has no 'architecture' key")
-    sae = build(architecture, **cfg)
-    sae.load_state_dict(load_file(str(weights), device=str(device)))
+    try:
+        sae = build(architecture, **cfg)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{cfg_path}: not a valid SAE config ({e})") from e
+    try:
+        state = load_file(str(weights), device=str(device))
+    except Exception as e:  # noqa: BLE001 - truncated or not safetensors
+        raise ValueError(f"{weights}: not a readable safetensors file ({type(e).__name__}: {e}); "
+                         "rerun the sae rule") from e
+    try:
+        sae.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{weights} does not match {cfg_path} ({architecture}, d_in={cfg.get('d_in')}): "
+                         f"{e}") from e
     return sae.to(device).eval()

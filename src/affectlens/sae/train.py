@@ -218,16 +218,23 @@ def _default_device() -> str:
 
 # -- checkpoints ---------------------------------------------------------------------------------
 
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be resumed from; the message names the file."""
+
+
 def save_checkpoint(path: str | Path, sae: torch.nn.Module, state: TrainState) -> None:
     """Weights, optimiser and loop state in one file (written to a temporary name, then renamed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"architecture": architecture_of(sae), "cfg": sae.cfg.to_dict(), "sae": sae.state_dict(),
-                "optimizer": state.optimizer.state_dict(), "tokens_since_fired": state.tokens_since_fired,
-                "samples_seen": state.samples_seen, "steps": state.steps, "seconds": state.seconds,
-                "history": state.history}, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save({"architecture": architecture_of(sae), "cfg": sae.cfg.to_dict(), "sae": sae.state_dict(),
+                    "optimizer": state.optimizer.state_dict(), "tokens_since_fired": state.tokens_since_fired,
+                    "samples_seen": state.samples_seen, "steps": state.steps, "seconds": state.seconds,
+                    "history": state.history}, tmp)
+        os.replace(tmp, path)
+    finally:  # a failed write (disk full) leaves the previous checkpoint and no temp file
+        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: str | Path, sae: torch.nn.Module) -> TrainState | None:
@@ -236,10 +243,21 @@ def load_checkpoint(path: str | Path, sae: torch.nn.Module) -> TrainState | None
     path = Path(path)
     if not path.is_file():
         return None
-    ck = torch.load(path, map_location=sae.W_dec.device, weights_only=False)
+    try:  # weights_only: a checkpoint holds tensors and plain values; a pickle with code is refused
+        ck = torch.load(path, map_location=sae.W_dec.device, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated, corrupt, or a pickle that would run code
+        raise CheckpointError(f"SAE checkpoint {path} cannot be loaded safely ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); it is truncated, corrupt or not an "
+                              "affectlens checkpoint: delete it to train from the start") from e
+    if not isinstance(ck, dict) or not {"architecture", "cfg", "sae", "optimizer"} <= set(ck):
+        raise CheckpointError(f"SAE checkpoint {path} is not an affectlens checkpoint (keys "
+                              f"{sorted(ck) if isinstance(ck, dict) else type(ck).__name__}); delete it")
     if ck["architecture"] != architecture_of(sae) or ck["cfg"] != sae.cfg.to_dict():
         return None
-    sae.load_state_dict(ck["sae"])
+    try:
+        sae.load_state_dict(ck["sae"])
+    except RuntimeError as e:
+        raise CheckpointError(f"SAE checkpoint {path}: weights do not match its config ({e}); delete it") from e
     state = new_state(sae)
     state.optimizer.load_state_dict(ck["optimizer"])
     state.tokens_since_fired = ck["tokens_since_fired"].to(sae.W_dec.device)
@@ -334,8 +352,11 @@ def train_sae(store, site: str, cfg, out_dir: str | Path, progress: bool = True,
                "eval_frames": eval_stop - n_train, "seconds": round(time.time() - t0, 2)}
     save_sae(sae, out_dir)
     tmp = out_dir / "metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    os.replace(tmp, out_dir / "metrics.json")
+    try:
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+        os.replace(tmp, out_dir / "metrics.json")
+    finally:
+        tmp.unlink(missing_ok=True)
     if checkpoint is not None:
         Path(checkpoint).unlink(missing_ok=True)
     return metrics
