@@ -54,14 +54,8 @@ def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    work = tmp_path_factory.mktemp("wf")
-    cfg = json.loads(json.dumps(TINY))
-    cfg["models"]["tiny"]["source"] = str(tiny_whisper(work / "tiny-whisper"))
-    (work / "tiny.yaml").write_text(yaml.safe_dump(cfg))
-    first = snakemake(work)
-    assert first.returncode == 0, first.stderr[-4000:]
-    return work, cfg
+def run(tiny_workflow):
+    return tiny_workflow  # conftest.py: the DAG runs once per session, shared with test_ui.py
 
 
 def test_store_holds_every_site_with_real_frames_only(run):

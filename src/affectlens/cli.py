@@ -108,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text", required=True)
     p.add_argument("--voice", default="en-us", help="espeak-ng voice, e.g. en-us, en-us+f2")
     _add_steer_args(p)
+    p = sub.add_parser("ui", help="browse a finished results folder in a local web page (needs the `ui` extra)")
+    p.add_argument("results", help="the workflow's results/ folder")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=8050)
     args = parser.parse_args(argv)
     try:
         if args.command == "inspect":
@@ -126,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
 
             w, sr = synthesize(args.text, voice=args.voice)
             print(steer_command(args, _resample(w, sr, 16000).astype("float32")))
+        elif args.command == "ui":
+            from affectlens.ui import app as ui_app
+
+            ui_app.serve(args.results, host=args.host, port=args.port)
     except (FileNotFoundError, KeyError, ValueError, RuntimeError) as e:
         print(f"affectlens: {e}", file=sys.stderr)
         return 2

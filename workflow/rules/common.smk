@@ -34,17 +34,46 @@ def patch_summaries():
     return out
 
 
+def study_of(wildcards):
+    """The report's subcategory of a dataset x model result: the studies it belongs to."""
+    return ", ".join(
+        sorted({s for s, d, m in study_combos() if d == wildcards.dataset and m == wildcards.model})
+    )
+
+
+def mem_by_attempt(mb):
+    """mem_mb that grows with each attempt of a retried job (`retries:`): mb, 2 mb, 3 mb, ..."""
+    return lambda wildcards, attempt: mb * attempt
+
+
+def benchmark_files():
+    """Every benchmark file of the heavy (GPU) jobs of `all`: extract (and its shards), sae, patch, steer."""
+    files = []
+    for study, dataset, model in study_combos():
+        m = config["models"][model]
+        files.append(f"benchmarks/extract/{dataset}/{model}.tsv")
+        n = m["shards"]
+        files += [f"benchmarks/extract_shard/{dataset}/{model}/{i}-of-{n}.tsv" for i in range(n) if n > 1]
+        files += [f"benchmarks/sae/{dataset}/{model}/{site}.tsv" for site in m["sae_sites"]]
+        for c in config["studies"][study]["contrasts"]:
+            files.append(f"benchmarks/patch/{dataset}/{model}/{contrast_name(c)}.tsv")
+            if m["steer_site"]:
+                files.append(f"benchmarks/steer/{dataset}/{model}/{contrast_name(c)}.tsv")
+    return list(dict.fromkeys(files))
+
+
 def all_targets():
-    targets = ["results/heatmaps"]
+    targets = ["results/heatmaps", "results/benchmarks/summary.tsv"]
     for study, dataset, model in study_combos():
         m = config["models"][model]
         targets.append(f"results/probe/{dataset}/{model}/sweep.tsv")
         targets += [f"results/sae/{dataset}/{model}/{site}" for site in m["sae_sites"]]
         if m["steer_site"]:
-            targets += [
-                f"results/steer/{dataset}/{model}/{contrast_name(c)}"
-                for c in config["studies"][study]["contrasts"]
-            ]
+            for c in config["studies"][study]["contrasts"]:
+                targets += [
+                    f"results/steer/{dataset}/{model}/{contrast_name(c)}",
+                    f"results/report/steer/{dataset}/{model}/{contrast_name(c)}.html",
+                ]
     return list(dict.fromkeys(targets))
 
 

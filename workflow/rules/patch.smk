@@ -14,9 +14,14 @@ rule patch:
         label_column=lambda w: config["datasets"][w.dataset]["label_column"],
     log:
         "logs/patch/{dataset}/{model}/{contrast}.log",
+    benchmark:
+        "benchmarks/patch/{dataset}/{model}/{contrast}.tsv"
     threads: 2
+    retries: 2
     resources:
-        mem_mb=8000,
+        gpu=1,
+        mem_mb=mem_by_attempt(8000),
+        runtime=180,
     conda:
         "../../envs/patch.yaml"
     script:
@@ -27,7 +32,14 @@ rule heatmaps:
     input:
         [p for paths in patch_summaries().values() for p in paths],
     output:
-        directory("results/heatmaps"),
+        report(
+            directory("results/heatmaps"),
+            patterns=["{study}/{name}.png"],
+            caption="../report/heatmap.rst",
+            category="Patching heatmaps",
+            subcategory="{study}",
+            labels={"study": "{study}", "map": "{name}"},
+        ),
     params:
         summaries=patch_summaries(),
     log:

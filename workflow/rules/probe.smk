@@ -17,7 +17,7 @@ rule probe:
         store=rules.extract.output.store,
         manifest=rules.decode.output.manifest,
         acoustic=lambda w: (
-            rules.acoustic_features.output.features.format(dataset=w.dataset)
+            f"results/probe/{w.dataset}/acoustic_features.tsv"
             if config["probe"]["acoustic_baseline"]
             else []
         ),
@@ -31,27 +31,39 @@ rule probe:
             "results/probe/{dataset}/{model}/layer_curve.png",
             caption="../report/layer_curve.rst",
             category="Probes",
+            subcategory=study_of,
+            labels={"dataset": "{dataset}", "model": "{model}", "figure": "layer curve"},
         ),
         confusion_plot=report(
             "results/probe/{dataset}/{model}/confusion.png",
             caption="../report/confusion.rst",
             category="Probes",
+            subcategory=study_of,
+            labels={"dataset": "{dataset}", "model": "{model}", "figure": "confusion"},
         ),
         projection=report(
             "results/probe/{dataset}/{model}/projection.png",
             caption="../report/projection.rst",
             category="Probes",
+            subcategory=study_of,
+            labels={"dataset": "{dataset}", "model": "{model}", "figure": "projection"},
         ),
         time_curve=report(
             "results/probe/{dataset}/{model}/time_curve.png",
             caption="../report/time_curve.rst",
             category="Probes",
+            subcategory=study_of,
+            labels={"dataset": "{dataset}", "model": "{model}", "figure": "time-resolved curve"},
         ),
     log:
         "logs/probe/{dataset}/{model}.log",
     conda:
         "../../envs/probe.yaml"
     threads: 2
+    retries: 1
+    resources:
+        mem_mb=mem_by_attempt(4000),
+        runtime=120,
     params:
         probe=config["probe"],
         label_column=lambda w: config["datasets"][w.dataset]["label_column"],

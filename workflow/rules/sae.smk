@@ -3,7 +3,14 @@ rule sae:
         store=rules.extract.output.store,
         manifest=rules.decode.output.manifest,
     output:
-        directory("results/sae/{dataset}/{model}/{site}"),
+        report(
+            directory("results/sae/{dataset}/{model}/{site}"),
+            patterns=["{page}.html"],  # dashboard.html, the only page there
+            caption="../report/sae_dashboard.rst",
+            category="Sparse autoencoders",
+            subcategory=study_of,
+            labels={"dataset": "{dataset}", "model": "{model}", "site": "{site}", "figure": "feature dashboard"},
+        ),
     params:
         sae=config["sae"],
         label_column=lambda w: config["datasets"][w.dataset]["label_column"],
@@ -12,9 +19,14 @@ rule sae:
         checkpoint="results/sae/{dataset}/{model}/.checkpoints/{site}.pt",
     log:
         "logs/sae/{dataset}/{model}/{site}.log",
+    benchmark:
+        "benchmarks/sae/{dataset}/{model}/{site}.tsv"
     threads: 2
+    retries: 2
     resources:
-        mem_mb=6000,
+        gpu=1,
+        mem_mb=mem_by_attempt(6000),
+        runtime=240,
     conda:
         "../../envs/steer.yaml"
     script:

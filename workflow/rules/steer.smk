@@ -3,7 +3,14 @@ rule steer:
         store=rules.extract.output.store,
         manifest=rules.decode.output.manifest,
     output:
-        directory("results/steer/{dataset}/{model}/{contrast}"),
+        report(
+            directory("results/steer/{dataset}/{model}/{contrast}"),
+            patterns=["{plot}.png"],  # dose_response.png, the only figure there
+            caption="../report/dose_response.rst",
+            category="Steering",
+            subcategory=study_of,
+            labels={"dataset": "{dataset}", "model": "{model}", "contrast": "{contrast}", "figure": "dose response"},
+        ),
     params:
         model=model_cfg,
         contrast=contrast_of,
@@ -11,9 +18,14 @@ rule steer:
         label_column=lambda w: config["datasets"][w.dataset]["label_column"],
     log:
         "logs/steer/{dataset}/{model}/{contrast}.log",
+    benchmark:
+        "benchmarks/steer/{dataset}/{model}/{contrast}.tsv"
     threads: 2
+    retries: 2
     resources:
-        mem_mb=8000,
+        gpu=1,
+        mem_mb=mem_by_attempt(8000),
+        runtime=180,
     conda:
         "../../envs/steer.yaml"
     script:

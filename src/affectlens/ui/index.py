@@ -1,0 +1,140 @@
+"""Index a finished results folder (the workflow's `results/`) into what the UI shows.
+
+Pure: reads file names (and nothing but the names) under the folder, returns plain dicts and lists
+of paths relative to the folder (POSIX), so that the page only ever names files inside it.
+
+Layout read (see workflow/rules/*.smk):
+  probe/{dataset}/{model}/sweep.tsv, *.png           probe tables and curves
+  patch/{dataset}/{model}/{contrast}/summary.tsv     activation patching
+  heatmaps/{study}/{dataset}__{model}__{contrast}[__{method}].png (+ .tsv), heatmaps/index.html
+  sae/{dataset}/{model}/{site}/dashboard.html, metrics.json
+  steer/{dataset}/{model}/{contrast}/audio/{clip}__alpha{a}.wav, evaluation.tsv, summary.tsv,
+                                   dose_response.png
+  decode/{dataset}/audio/{clip}.flac                 the original clips
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+NO_STUDY = "(no study)"
+_ALPHA = re.compile(r"^(?P<clip>.+)__alpha(?P<alpha>[-+0-9.eE]+|nan|inf)\.wav$")
+_CONTRAST = re.compile(r"^[A-Za-z0-9_]+-to-[A-Za-z0-9_]+$")
+PROBE_FIGURES = ["layer_curve", "time_curve", "confusion", "projection"]  # shown in this order, others after
+AUDIO_SUFFIXES = (".flac", ".wav", ".mp3", ".ogg")
+
+
+def _rel(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")) if folder.is_dir() else []
+
+
+def alpha_grid(audio_dir: Path) -> tuple[list[str], dict[str, dict[str, Path]]]:
+    """(α labels sorted by value, {clip: {α label: wav}}) of a steer folder's audio/. The labels are
+    spelled as in the file names (`f"{alpha:g}"`), so they round-trip to the files."""
+    clips: dict[str, dict[str, Path]] = {}
+    for wav in sorted(audio_dir.glob("*.wav")) if audio_dir.is_dir() else []:
+        m = _ALPHA.match(wav.name)
+        if m:
+            clips.setdefault(m["clip"], {})[m["alpha"]] = wav
+    labels = sorted({a for per in clips.values() for a in per}, key=float)
+    return labels, clips
+
+
+def _run(runs: dict, dataset: str, model: str) -> dict:
+    key = f"{dataset}/{model}"
+    return runs.setdefault(key, {"key": key, "dataset": dataset, "model": model, "probe": None, "heatmaps": [],
+                                 "patch": {}, "sae": [], "steer": {}})
+
+
+def _original(root: Path, dataset: str, clip: str) -> str | None:
+    for suffix in AUDIO_SUFFIXES:
+        p = root / "decode" / dataset / "audio" / f"{clip}{suffix}"
+        if p.is_file():
+            return _rel(p, root)
+    return None
+
+
+def _steer(root: Path, folder: Path, dataset: str) -> dict:
+    labels, clips = alpha_grid(folder / "audio")
+    maybe = {name: folder / f"{name}.{ext}" for name, ext in
+             [("evaluation", "tsv"), ("summary", "tsv"), ("dose_response", "png"), ("inversion_quality", "tsv")]}
+    out = {name: (_rel(p, root) if p.is_file() else None) for name, p in maybe.items()}
+    out["contrast"] = folder.name
+    out["alphas"] = labels
+    out["clips"] = {c: {a: _rel(p, root) for a, p in per.items()} for c, per in clips.items()}
+    out["originals"] = {c: _original(root, dataset, c) for c in clips}
+    return out
+
+
+def index_results(root: str | Path) -> dict:
+    """{"root", "studies": {study: [run key, ...]}, "runs": {"dataset/model": {...}}, "heatmap_index"}.
+
+    A run holds `probe` ({"sweep", "figures": [{"name", "path"}]} or None), `heatmaps` ([{"study",
+    "contrast", "method", "png", "tsv"}]), `patch` ({contrast: summary.tsv}), `sae` ([{"site",
+    "dashboard", "metrics"}]) and `steer` ({contrast: {"alphas": [labels sorted by value], "clips":
+    {clip: {α: wav}}, "originals": {clip: flac or None}, "evaluation", "summary", "dose_response"}}).
+    Studies come from heatmaps/{study}/; runs in no study are listed under NO_STUDY."""
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"no results folder {root}")
+    runs: dict[str, dict] = {}
+    studies: dict[str, list[str]] = {}
+
+    for d in _subdirs(root / "probe"):
+        for m in _subdirs(d):
+            if not (m / "sweep.tsv").is_file():
+                continue
+            pngs = sorted(m.glob("*.png"), key=lambda p: (PROBE_FIGURES.index(p.stem) if p.stem in PROBE_FIGURES
+                                                           else len(PROBE_FIGURES), p.name))
+            _run(runs, d.name, m.name)["probe"] = {
+                "sweep": _rel(m / "sweep.tsv", root),
+                "figures": [{"name": p.stem, "path": _rel(p, root)} for p in pngs]}
+
+    for d in _subdirs(root / "patch"):
+        for m in _subdirs(d):
+            for c in _subdirs(m):
+                if _CONTRAST.match(c.name) and (c / "summary.tsv").is_file():
+                    _run(runs, d.name, m.name)["patch"][c.name] = _rel(c / "summary.tsv", root)
+
+    for study in _subdirs(root / "heatmaps"):
+        for png in sorted(study.glob("*.png")):
+            parts = png.stem.split("__")
+            if len(parts) not in (3, 4) or not _CONTRAST.match(parts[2]):
+                continue
+            run = _run(runs, parts[0], parts[1])
+            tsv = png.with_suffix(".tsv")
+            run["heatmaps"].append({"study": study.name, "contrast": parts[2],
+                                    "method": parts[3] if len(parts) == 4 else "exact", "png": _rel(png, root),
+                                    "tsv": _rel(tsv, root) if tsv.is_file() else None})
+            keys = studies.setdefault(study.name, [])
+            if run["key"] not in keys:
+                keys.append(run["key"])
+
+    for d in _subdirs(root / "sae"):
+        for m in _subdirs(d):
+            for site in _subdirs(m):
+                dash = site / "dashboard.html"
+                metrics = site / "metrics.json"
+                if dash.is_file() or metrics.is_file():
+                    _run(runs, d.name, m.name)["sae"].append({
+                        "site": site.name, "dashboard": _rel(dash, root) if dash.is_file() else None,
+                        "metrics": _rel(metrics, root) if metrics.is_file() else None})
+
+    for d in _subdirs(root / "steer"):
+        for m in _subdirs(d):
+            for c in _subdirs(m):
+                if _CONTRAST.match(c.name):
+                    _run(runs, d.name, m.name)["steer"][c.name] = _steer(root, c, d.name)
+
+    runs = dict(sorted(runs.items()))
+    loose = [k for k in runs if not any(k in keys for keys in studies.values())]
+    if loose:
+        studies[NO_STUDY] = loose
+    index_html = root / "heatmaps" / "index.html"
+    return {"root": str(root), "studies": studies, "runs": runs,
+            "heatmap_index": _rel(index_html, root) if index_html.is_file() else None}

@@ -1,0 +1,21 @@
+"""Fixtures shared across test files."""
+
+import json
+
+import pytest
+import yaml
+
+
+@pytest.fixture(scope="session")
+def tiny_workflow(tmp_path_factory):
+    """(workdir, config) of one real run of the Snakemake DAG on test_workflow's tiny config, once per
+    session: test_workflow.py checks its outputs, test_ui.py browses its results folder."""
+    from test_workflow import TINY, snakemake, tiny_whisper
+
+    work = tmp_path_factory.mktemp("wf")
+    cfg = json.loads(json.dumps(TINY))
+    cfg["models"]["tiny"]["source"] = str(tiny_whisper(work / "tiny-whisper"))
+    (work / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    first = snakemake(work)
+    assert first.returncode == 0, first.stderr[-4000:]
+    return work, cfg
