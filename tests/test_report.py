@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 
-from test_workflow import REPO, TINY, tiny_whisper
+from test_workflow import REPO
 
 pytestmark = [pytest.mark.workflow, pytest.mark.slow]
 
@@ -26,14 +25,9 @@ def snakemake(work: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    work = tmp_path_factory.mktemp("report")
-    cfg = json.loads(json.dumps(TINY))
-    cfg["models"]["tiny"]["source"] = str(tiny_whisper(work / "tiny-whisper"))
-    (work / "tiny.yaml").write_text(yaml.safe_dump(cfg))
-    run = snakemake(work)
-    assert run.returncode == 0, run.stderr[-4000:]
-    return work
+def work(tiny_workflow):
+    """The session's one run of the tiny DAG (tests/conftest.py)."""
+    return tiny_workflow[0]
 
 
 def report_results(html: str) -> dict:
