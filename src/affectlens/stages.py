@@ -507,7 +507,11 @@ def steer(store_path, manifest_path, model_cfg: dict, contrast: dict, params: di
                                        key=params.get("watermark_key", "affectlens"),
                                        snr_db=params.get("watermark_snr_db", 22.0))
             outputs[f"{alpha:g}"] = load_any(path)[0]
-        reference = transcribe(asr, waves[i])
+        # the words said: the dataset's own text where it has one (RAVDESS, CREMA-D, the demo), else
+        # the ASR's transcript of the original (which can itself be wrong: a loop, a hallucination)
+        text = manifest["text"].iloc[i] if "text" in manifest.columns else None
+        has_text = isinstance(text, str) and text.strip() != ""
+        reference = text.strip() if has_text else transcribe(asr, waves[i])
         for kind, wave in outputs.items():
             _, cache = adapter.run(adapter.prepare([wave]), capture=[readout_site])
             pooled = cache[readout_site][0, :adapter.frames_for(len(wave))].float().mean(0).cpu().numpy()[None]
@@ -523,6 +527,7 @@ def steer(store_path, manifest_path, model_cfg: dict, contrast: dict, params: di
                 "wer_vs_original": word_error_rate(reference, transcript),
                 "speaker_similarity": similarity,  # resemblyzer cosine to the original: was the voice kept?
                 "transcript": transcript, "reference": reference,
+                "reference_source": "text" if has_text else "asr",
             })
     # For `affectlens steer --vector out_dir/vector.npy --mapper out_dir/mapper`: fit on every speaker.
     from affectlens.io import write_json

@@ -476,7 +476,7 @@ def log_mel(feature_extractor: WhisperFeatureExtractor, waves: list[np.ndarray],
 @torch.inference_mode()
 def transcribe(model: WhisperForConditionalGeneration, feature_extractor: WhisperFeatureExtractor,
                tokenizer: WhisperTokenizer, waves: list[np.ndarray], language: str | None = None) -> list[str]:
-    """Greedy transcripts of 16 kHz waves (each ≤ 30 s), without timestamps. Runs under whatever
+    """Greedy transcripts of 16 kHz waves (each ≤ 30 s), without timestamps, guarded against loops. Runs under whatever
     hooks the caller installed, so `with adapter.hooks(steer): transcribe(...)` hears steered audio.
     `language` ("en", ...) only matters for multilingual checkpoints."""
     max_samples = model.config.max_source_positions * SAMPLES_PER_FRAME
@@ -486,6 +486,11 @@ def transcribe(model: WhisperForConditionalGeneration, feature_extractor: Whispe
     features = log_mel(feature_extractor, waves, max_samples)
     param = next(model.parameters())
     kwargs = {"language": language} if language and model.generation_config.is_multilingual else {}
+    # Guards against greedy decoding's loops ("Kids Kids Kids ...", "the the the ..."), which Whisper
+    # falls into on short or edited clips: no 3-gram twice, and no more tokens than speech of that
+    # length could need (~3 tokens/s spoken; 8/s + 8 leaves room for any real utterance).
+    seconds = max(len(w) for w in waves) / SAMPLE_RATE
+    kwargs |= {"no_repeat_ngram_size": 3, "max_new_tokens": min(int(8 * seconds) + 8, 440)}
     ids = model.generate(features.to(param.device, param.dtype), generation_config=model.generation_config,
                          return_timestamps=False, **kwargs)
     return [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
