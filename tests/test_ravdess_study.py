@@ -55,7 +55,7 @@ def test_six_real_actors_whisper_reads_emotion_above_chance_and_the_mfcc_baselin
     cfg["datasets"]["ravdess"]["ravdess"] = {"root": str(SHARED), "actors": [1, 2, 3, 4, 5, 6]}
     cfg["models"] = {"whisper-tiny-en": cfg["models"]["whisper-tiny-en"]}
     cfg["studies"]["ravdess"]["models"] = ["whisper-tiny-en"]
-    cfg["probe"] = {"n_permutations": 19}
+    cfg["probe"] |= {"n_permutations": 19}  # the study's actor-grouped folds, fewer permutations
     target = "results/probe/ravdess/whisper-tiny-en/sweep.tsv"
     result = snakemake(tmp_path, cfg, target)
     assert result.returncode == 0, result.stderr[-4000:]
