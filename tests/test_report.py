@@ -13,15 +13,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from test_workflow import REPO
+from test_workflow import REPO, snakemake
 
 pytestmark = [pytest.mark.workflow, pytest.mark.slow]
-
-
-def snakemake(work: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(work),
-           "--configfile", str(work / "tiny.yaml"), "--cores", "2", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=work)
 
 
 @pytest.fixture(scope="module")
