@@ -212,3 +212,19 @@ def test_decode_manifest_rejects_bad_clips_with_reasons(tmp_path):
     assert "NaN" in reasons["nan"]
     assert reasons["short"].startswith("too short")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.flac"]
+
+
+def test_quiet_speech_between_pauses_is_not_silent_but_a_faint_hum_is():
+    """Silence is judged on the loudest 50 ms, not the clip's mean: a 0.2 s word at RMS 3e-3 inside
+    3 s of pause has a mean RMS of 7.7e-4, below the 1e-3 threshold, yet it is speech (real RAVDESS
+    calm/sad takes look like this); noise whose loudest moment is ~5e-4 stays silent."""
+    from affectlens.data.decode import SILENCE_RMS, check_clip
+
+    sr = 16000
+    rng = np.random.default_rng(0)
+    quiet = np.zeros(3 * sr, np.float32)
+    quiet[sr: sr + sr // 5] = 3e-3 * np.sqrt(2) * np.sin(2 * np.pi * 200 * np.arange(sr // 5) / sr)
+    assert np.sqrt(np.mean(quiet.astype(np.float64) ** 2)) < SILENCE_RMS
+    assert check_clip(quiet, sr, 0.1, 30.0) is None
+    hum = (5e-4 * rng.standard_normal(3 * sr)).astype(np.float32)
+    assert check_clip(hum, sr, 0.1, 30.0).startswith("silent: loudest 50 ms has RMS")

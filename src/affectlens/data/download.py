@@ -70,7 +70,12 @@ def part_path(dest: str | Path) -> Path:
 
 
 def sha256_file(path: str | Path, chunk: int = CHUNK) -> str:
-    h = hashlib.sha256()
+    return file_digest(path, "sha256", chunk)
+
+
+def file_digest(path: str | Path, algorithm: str, chunk: int = CHUNK) -> str:
+    """Hex digest of a file read in chunks (sha256 for our records; md5 where a host publishes only that)."""
+    h = hashlib.new(algorithm, usedforsecurity=algorithm != "md5")
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)

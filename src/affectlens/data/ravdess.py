@@ -18,13 +18,13 @@ text = the statement. Extras: emotion_code, statement, intensity, repetition, se
 Only audio-only speech files (modality 03, channel 01) are indexed; others are skipped.
 
 Split (the corpus has none): speaker-disjoint and stratified by sex, as for CREMA-D; with 24
-actors the defaults 0.2 / 0.1 give 2+2 test and 1+1 dev actors. Probes cross-validate over
-actors anyway; the split matters for steering, whose vectors are fitted on train actors.
+actors the defaults 0.2 / 0.1 give 2+2 test and 1+1 dev actors. Probes on `splits: official`
+use it; the RAVDESS study cross-validates over actors instead, and steering holds out each
+steered clip's actor on its own.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -36,7 +36,7 @@ import pandas as pd
 
 from affectlens.data.annotations import AnnotationError, speaker_split
 from affectlens.data.archive import extract
-from affectlens.data.download import ChecksumError, DownloadError, download, link_tree, sidecar_path
+from affectlens.data.download import ChecksumError, DownloadError, download, file_digest, link_tree, sidecar_path
 
 log = logging.getLogger(__name__)
 
@@ -107,14 +107,6 @@ def zenodo_file(api_url: str, record: str, name: str, cache: Path) -> tuple[str,
                         f"(files: {[f.get('key') or f.get('filename') for f in files]})")
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fetch(raw_dir: Path, opts: Options, cache: Path) -> None:
     raw_dir.mkdir(parents=True, exist_ok=True)
     if opts.root:
@@ -125,7 +117,7 @@ def fetch(raw_dir: Path, opts: Options, cache: Path) -> None:
     url, md5, size = zenodo_file(opts.api_url, opts.record, opts.archive, cache)
     archive = download(url, cache / opts.archive, size=size)
     if md5 is not None:
-        actual = _md5(archive)
+        actual = file_digest(archive, "md5")
         if actual != md5:
             archive.unlink()
             sidecar_path(archive).unlink(missing_ok=True)

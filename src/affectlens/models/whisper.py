@@ -476,9 +476,9 @@ def log_mel(feature_extractor: WhisperFeatureExtractor, waves: list[np.ndarray],
 @torch.inference_mode()
 def transcribe(model: WhisperForConditionalGeneration, feature_extractor: WhisperFeatureExtractor,
                tokenizer: WhisperTokenizer, waves: list[np.ndarray], language: str | None = None) -> list[str]:
-    """Greedy transcripts of 16 kHz waves (each ≤ 30 s), without timestamps, guarded against loops. Runs under whatever
-    hooks the caller installed, so `with adapter.hooks(steer): transcribe(...)` hears steered audio.
-    `language` ("en", ...) only matters for multilingual checkpoints."""
+    """Greedy transcripts of 16 kHz waves (each ≤ 30 s), without timestamps, guarded against
+    loops. Runs under whatever hooks the caller installed, so `with adapter.hooks(steer):
+    transcribe(...)` hears steered audio. `language` ("en", ...) only matters for multilingual checkpoints."""
     max_samples = model.config.max_source_positions * SAMPLES_PER_FRAME
     too_long = [i for i, w in enumerate(waves) if len(w) > max_samples]
     if too_long:  # the feature extractor would silently cut them
