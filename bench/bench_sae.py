@@ -142,11 +142,15 @@ def main() -> None:
     ap.add_argument("--dead-window", type=int, default=100_000, help="frames without firing = dead (AuxK)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--clips", type=int, default=320)
+    ap.add_argument("--store", type=Path, default=None,
+                    help="an existing activation store holding the site (e.g. the RAVDESS study's "
+                         "results/extract/ravdess/whisper-base.h5, all 1440 clips in actor order) "
+                         "instead of building the 320-clip cache")
     ap.add_argument("--ours", default="topk", help="comma-separated affectlens architectures")
     ap.add_argument("--skip-saelens-raw", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    path = ravdess_store(args.clips)
+    path = args.store or ravdess_store(args.clips)
     frames, n_train = load_frames(path)
     print(f"frames: {len(frames)} x {frames.shape[1]} ({n_train} train, {len(frames) - n_train} held out), "
           f"site {SITE}, store {path}", flush=True)

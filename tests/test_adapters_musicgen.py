@@ -43,6 +43,9 @@ def make_adapter():
                                                    num_attention_heads=2, ffn_dim=48, num_codebooks=4,
                                                    pad_token_id=16, bos_token_id=16).to_dict())
     model = transformers.MusicgenForConditionalGeneration(config).eval()
+    with torch.no_grad():  # EnCodec's codebooks are buffers that start at zero (a checkpoint fills them):
+        for layer in model.audio_encoder.quantizer.layers:  # give every code its own vector, as trained ones have
+            layer.codebook.embed.normal_()
     model.generation_config.decoder_start_token_id = model.generation_config.pad_token_id = 16
     return MusicgenAdapter(model, "tiny-musicgen", processor=processor)
 

@@ -94,3 +94,78 @@ def test_rate_is_equalised_toward_the_reference():
     assert len(slow) == pytest.approx(len(fast) / factor, rel=0.02)
     # The phase vocoder softens attacks, so the onset count is a rough check: it moved toward 8.
     assert abs(speaking_rate(slow, SR) - 8.0) < abs(speaking_rate(fast, SR) - 8.0) / 2
+
+
+# --- the patch stage with a corrupt run made from the clean clip ------------------------------
+@pytest.fixture(scope="module")
+def stage_setup(tmp_path_factory):
+    """The workflow's patch stage on a tiny real setup: a synthetic corpus (FLAC clips, manifest),
+    a tiny wav2vec2 in a local folder, its store (bench/bench_scale.py builds all three)."""
+    import sys
+    from pathlib import Path
+
+    from affectlens import stages
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import bench_scale
+
+    work = tmp_path_factory.mktemp("patch_stage")
+    model = bench_scale.make_model(work / "model")
+    manifest = bench_scale.make_corpus(work / "corpus", n_speakers=2, n_sentences=2)
+    cfg = bench_scale.workflow_config(model)
+    stages.extract(manifest, cfg["models"]["tiny"], work / "store.h5")
+    return work, manifest, cfg
+
+
+def run_patch_stage(stage_setup, corruption):
+    import pandas as pd
+
+    from affectlens import stages
+
+    work, manifest, cfg = stage_setup
+    out = work / corruption
+    params = {**cfg["patch"], "corruption": corruption, "attribution": False, "seed": cfg["patch"].get("seed", 0)}
+    stages.patch(work / "store.h5", manifest, cfg["models"]["tiny"], {"source": "sad", "target": "happy"}, params,
+                 "label", out / "pairs.tsv", out / "effects.tsv", out / "summary.tsv")
+    return tuple(pd.read_csv(out / name, sep="\t") for name in ("pairs.tsv", "effects.tsv", "summary.tsv"))
+
+
+def assert_normalised_on_the_clean_corrupt_scale(effects):
+    """normalised = (raw - corrupt) / (clean - corrupt): clean = 1, corrupt = 0, raw kept."""
+    assert np.isfinite(effects[["raw", "clean", "corrupt", "normalised"]].to_numpy()).all()
+    assert ((effects["clean"] - effects["corrupt"]).abs() > 1e-3).all()  # the corruption moved the readout
+    want = (effects["raw"] - effects["corrupt"]) / (effects["clean"] - effects["corrupt"])
+    np.testing.assert_allclose(effects["normalised"], want, rtol=1e-6, atol=1e-9)
+
+
+def test_patch_stage_with_noise_states_sigma_and_restores_the_clean_run_window_by_window(stage_setup):
+    from affectlens.store import Store
+
+    work, _, cfg = stage_setup
+    pairs, effects, summary = run_patch_stage(stage_setup, "noise")
+    with Store(work / "store.h5") as s:
+        sigma = NOISE_FACTOR * corpus_std(s.frame_chunks("encoder.embed"))
+    for table in (pairs, summary):
+        assert set(table["corruption"]) == {"noise"}
+        np.testing.assert_allclose(table["noise_sigma"], sigma, rtol=1e-6)
+    assert (pairs["clean_clip"] == pairs["corrupt_clip"]).all() and len(pairs) == cfg["patch"]["n_pairs"]
+    assert_normalised_on_the_clean_corrupt_scale(effects)
+    # Same length in both runs and a mean-pooled linear readout: the windows of the readout site
+    # partition the clip, so their denoising effects add up to the whole clean run.
+    readout = cfg["models"]["tiny"]["readout_site"]
+    den = effects[(effects["direction"] == "denoising") & (effects["site"] == readout)]
+    np.testing.assert_allclose(den.groupby("pair_id")["normalised"].sum(), 1.0, atol=1e-4)
+    assert np.isfinite(summary["mean"]).all() and set(summary["method"]) == {"exact"}
+
+
+def test_patch_stage_with_prosody_neutral_states_the_corruption_and_keeps_the_scale(stage_setup):
+    pairs, effects, summary = run_patch_stage(stage_setup, "prosody_neutral")
+    for table in (pairs, summary):
+        assert set(table["corruption"]) == {"prosody_neutral"}
+        assert table["noise_sigma"].isna().all()  # no noise in this corruption
+    assert (pairs["reference_rate"] > 0).all() and pairs["reference_rate"].nunique() == 1
+    assert_normalised_on_the_clean_corrupt_scale(effects)
+    # Rate equalisation changes the length: each pair has its own grid of windows, so late windows
+    # hold only the longer pairs; the first window holds every pair.
+    assert np.isfinite(summary["mean"]).all() and summary["n_pairs"].between(1, len(pairs)).all()
+    assert (summary.loc[summary["frame_start"] == 0, "n_pairs"] == len(pairs)).all()

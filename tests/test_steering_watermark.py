@@ -49,6 +49,28 @@ def test_watermark_is_quiet_and_survives_mp3_and_opus(clips, tmp_path):
             assert det.detected, (codec, det)
 
 
+def test_each_clip_gets_the_quietest_level_that_survives_opus(clips, tmp_path):
+    """A longer clip carries more blocks of the mark, so it can take a quieter one; each chosen
+    level is the first (from quiet to loud) whose Opus 16 kbit/s copy scores >= 2x the threshold."""
+    short = clips[0][: SR * 3 // 2]
+    long = np.concatenate(clips)
+    chosen = {name: wm.embed_quietest(w, SR) for name, w in (("short", short), ("long", long))}
+    for name, w in (("short", short), ("long", long)):
+        c = chosen[name]
+        assert c.margin_met and c.score >= wm.MARGIN * wm.THRESHOLD
+        assert abs(wm.snr_db(w, c.wave) - c.snr_db) < 0.5
+        d, sr = wm.load_any(wm.encode(c.wave, SR, tmp_path / f"{name}.ogg", "opus", bitrate=16000))
+        assert wm.detect(d, sr).detected
+        quieter = [lv for lv in wm.LEVELS_DB if lv > c.snr_db]
+        if quieter:  # the next quieter level misses the margin on this clip
+            q = wm.embed(w, SR, snr_db=min(quieter))
+            d, sr = wm.load_any(wm.encode(q, SR, tmp_path / f"{name}_q.ogg", "opus", bitrate=16000))
+            assert wm.detect(d, sr).score < wm.MARGIN * wm.THRESHOLD
+    assert chosen["long"].snr_db > chosen["short"].snr_db
+    with pytest.raises(ValueError, match="'auto'"):
+        wm.write_steered_audio(tmp_path / "x.wav", short, SR, snr_db="loud")
+
+
 def test_detection_is_blind_to_cropping_and_other_sample_rates(clips):
     m = wm.embed(clips[1], SR)
     assert wm.detect(m[3001:], SR).detected
@@ -58,7 +80,9 @@ def test_detection_is_blind_to_cropping_and_other_sample_rates(clips):
 
 def test_write_steered_audio_labels_and_marks(clips, tmp_path):
     for suffix in ("wav", "flac"):
-        p = wm.write_steered_audio(tmp_path / f"steered.{suffix}", clips[0], SR)
+        p = tmp_path / f"steered.{suffix}"
+        level = wm.write_steered_audio(p, clips[0], SR)
+        assert level in wm.LEVELS_DB
         assert wm.read_label(p) == wm.LABEL
         assert sf.info(str(p)).samplerate == SR
         det, label = wm.check_file(p)
@@ -78,7 +102,8 @@ def test_write_steered_audio_labels_and_marks(clips, tmp_path):
 def test_cli_watermark_check_exit_codes(clips, tmp_path, capsys):
     from affectlens.cli import main
 
-    p = wm.write_steered_audio(tmp_path / "s.wav", clips[2], SR)
+    p = tmp_path / "s.wav"
+    wm.write_steered_audio(p, clips[2], SR, snr_db=25)
     assert main(["watermark", "check", str(p)]) == 0
     assert "watermark detected" in capsys.readouterr().out
     plain = tmp_path / "plain.wav"

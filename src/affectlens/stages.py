@@ -431,7 +431,10 @@ def steer(store_path, manifest_path, model_cfg: dict, contrast: dict, params: di
 
     For each held-out speaker, everything learned (the difference-of-means vector, the
     activation -> mel mapper, the model-probe judge and the acoustic judge) is fit on the other
-    speakers only. alpha = 0 goes through the same inversion path, so changes are read against it."""
+    speakers only. alpha = 0 goes through the same inversion path, so changes are read against it.
+    A generative music model (MusicGen) is steered during generation instead: `steer_music`."""
+    if model_cfg["family"] == "musicgen":
+        return steer_music(store_path, manifest_path, model_cfg, contrast, params, label_column, out_dir)
     from tqdm import tqdm
 
     from affectlens.data.decode import decode_clip
@@ -496,16 +499,16 @@ def steer(store_path, manifest_path, model_cfg: dict, contrast: dict, params: di
         quality.append({"clip_id": clip_id, "speaker": spk,
                         **round_trip_quality(f["mapper"], unsteered, waves[i], vocode=params["inversion"] == "direct",
                                              n_iter=params["griffin_lim_iter"])})
-        outputs = {"original": waves[i]}
+        outputs, mark_db = {"original": waves[i]}, {"original": np.nan}
         for alpha in params["alphas"]:
             _, cache = adapter.run(batch, capture=[site], interventions={site: add_vector(f["vector"], alpha)})
             steered = cache[site][0, :n].float().cpu().numpy()
             wave = invert(f["mapper"], unsteered, steered, waves[i], mode=params["inversion"],
                           n_iter=params["griffin_lim_iter"] if params["inversion"] == "direct" else None)
             # every steered file carries the research label and the watermark; the judges below hear it too
-            path = write_steered_audio(out_dir / "audio" / f"{clip_id}__alpha{alpha:g}.wav", wave, sr,
-                                       key=params.get("watermark_key", "affectlens"),
-                                       snr_db=params.get("watermark_snr_db", 22.0))
+            path = out_dir / "audio" / f"{clip_id}__alpha{alpha:g}.wav"
+            mark_db[f"{alpha:g}"] = write_steered_audio(path, wave, sr, key=params.get("watermark_key", "affectlens"),
+                                                        snr_db=params.get("watermark_snr_db", "auto"))
             outputs[f"{alpha:g}"] = load_any(path)[0]
         # the words said: the dataset's own text where it has one (RAVDESS, CREMA-D, the demo), else
         # the ASR's transcript of the original (which can itself be wrong: a loop, a hallucination)
@@ -526,6 +529,7 @@ def steer(store_path, manifest_path, model_cfg: dict, contrast: dict, params: di
                 **prosody(wave, sr),
                 "wer_vs_original": word_error_rate(reference, transcript),
                 "speaker_similarity": similarity,  # resemblyzer cosine to the original: was the voice kept?
+                "watermark_snr_db": mark_db[kind],  # the level this file's watermark was embedded at
                 "transcript": transcript, "reference": reference,
                 "reference_source": "text" if has_text else "asr",
             })
@@ -544,6 +548,58 @@ def steer(store_path, manifest_path, model_cfg: dict, contrast: dict, params: di
     write_tsv(summary, out_dir / "summary.tsv")
     plot_dose_response(summary, out_dir / "dose_response.png",
                        title=f"{adapter.model_id} at {site}: {src} → {tgt} ({params['inversion']} inversion)")
+
+
+def steer_music(store_path, manifest_path, model_cfg: dict, contrast: dict, params: dict, label_column: str,
+                out_dir) -> None:
+    """MusicGen: the per-artist difference of means of the steer site's pooled activations (teacher-
+    forced real clips, source -> target label) added at every step of generating from
+    `music_prompts`, per alpha; every piece is written (watermarked) and judged by an independent
+    mood regressor and acoustic measures (steering.music)."""
+    from affectlens.data.manifest import read_manifest
+    from affectlens.io import write_json
+    from affectlens.probes.sweep import align_manifest
+    from affectlens.steering.music import evaluate_music, generate_steered, summarise_music
+    from affectlens.steering.vectors import diff_of_means
+    from affectlens.steering.watermark import write_steered_audio
+    from affectlens.store import Store
+    from affectlens.viz.steering import plot_music_dose_response
+
+    src, tgt = contrast["source"], contrast["target"]
+    out_dir = Path(out_dir)
+    (out_dir / "audio").mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(manifest_path)
+    site = model_cfg["steer_site"]
+    with Store(store_path) as store:
+        rows = align_manifest(store.clip_ids, manifest, [label_column, "speaker"], where=str(store.path))
+        X = store.pooled(site)[rows]
+    labels = manifest[label_column].astype(str).to_numpy()
+    groups = manifest["speaker"].astype(str).to_numpy()
+    vector = diff_of_means(X, labels, groups, src, tgt)
+    log.info("vector %s -> %s at %s: norm %.4g over %d groups", src, tgt, site, np.linalg.norm(vector),
+             len(np.unique(groups[np.isin(labels, [src, tgt])])))
+    adapter = load_adapter(model_cfg)
+    prompts = list(params["music_prompts"])
+    outputs = generate_steered(adapter, prompts, site, vector, params["alphas"], params["music_seconds"],
+                               seed=params["seed"], guidance_scale=params["music_guidance_scale"])
+    sr = adapter.codec_sr
+    levels = {}
+    for alpha, waves in outputs.items():
+        for i, w in enumerate(waves):
+            levels[(i, alpha)] = write_steered_audio(out_dir / "audio" / f"prompt{i}__alpha{alpha:g}.wav", w, sr,
+                                                     key=params.get("watermark_key", "affectlens"),
+                                                     snr_db=params.get("watermark_snr_db", "auto"))
+    table = evaluate_music(outputs, sr, prompts)
+    table["watermark_snr_db"] = [levels[(i, a)] for i, a in zip(table.prompt_id, table.alpha)]
+    with atomic_path(out_dir / "vector.npy") as tmp:
+        np.save(tmp, vector)
+    write_json(out_dir / "vector.json", {"site": site, "model": adapter.model_id, "source": src, "target": tgt,
+                                         "method": "diff_of_means", "groups": "speaker (artist or song)"})
+    write_tsv(table, out_dir / "evaluation.tsv")
+    summary = summarise_music(table)
+    write_tsv(summary, out_dir / "summary.tsv")
+    plot_music_dose_response(summary, out_dir / "dose_response.png",
+                             title=f"{adapter.model_id} at {site}: {src} → {tgt} ({len(prompts)} prompts)")
 
 
 def transcribe(asr, wave: np.ndarray) -> str:
@@ -580,7 +636,7 @@ def summarise_steering(table: pd.DataFrame) -> pd.DataFrame:
     """Per output (original, each alpha): means over clips, and changes against alpha = 0, which
     went through the same inversion path (so inversion artefacts are not read as steering)."""
     cols = ["p_target_model_probe", "p_target_acoustic", "f0_mean_hz", "f0_range_st", "active_rms_db",
-            "wer_vs_original", "speaker_similarity"]
+            "wer_vs_original", "speaker_similarity", "watermark_snr_db"]
     steered = table[table.output != "original"]
     base = steered[steered.alpha == steered.alpha.min()].set_index("clip_id")
     rows = []
@@ -592,3 +648,128 @@ def summarise_steering(table: pd.DataFrame) -> pd.DataFrame:
         row["rms_change_db"] = float((g["active_rms_db"] - base.loc[g.index, "active_rms_db"]).mean())
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+# --- dynamic ratings (PMEmo, DEAM) ---------------------------------------------------------------
+DYNAMIC_SOURCES = ("pmemo", "deam")  # sources that publish 2 Hz valence/arousal curves
+
+
+def dynamic_ratings(raw_dir, manifest_path, dataset: str, dataset_cfg: dict, out_ratings) -> None:
+    """The 2 Hz valence/arousal ratings of the manifest's clips as one tidy table beside the
+    manifest: clip_id, song, time_s (from the clip's start; segments re-based), valence, arousal,
+    scale (the dataset's own)."""
+    from affectlens.data.manifest import read_manifest
+    from affectlens.data.sources import module
+
+    source = dataset_cfg["source"]
+    if source not in DYNAMIC_SOURCES:
+        raise ValueError(f"dataset {dataset!r} (source {source}) has no dynamic ratings; only {DYNAMIC_SOURCES} do")
+    table, missing = module(source).read_ratings(raw_dir, read_manifest(manifest_path))
+    if missing:
+        log.warning("%s: %d clips have no dynamic rating, e.g. %s", dataset, len(missing), missing[:5])
+    if table.empty:
+        raise ValueError(f"dataset {dataset!r}: none of the clips of {manifest_path} has a dynamic rating in {raw_dir}")
+    write_tsv(table, out_ratings)
+    log.info("%s: %d ratings of %d clips (%s scale)", dataset, len(table), table["clip_id"].nunique(),
+             table["scale"].iloc[0])
+
+
+def probe_dynamic(store_path, manifest_path, ratings_path, params: dict, out_table, out_predictions, out_plot,
+                  alphas=None, threads: int = 1) -> pd.DataFrame:
+    """Time-resolved regression probes of the dynamic ratings at every configured site, next to the
+    acoustic baseline in the same windows (affectlens.probes.dynamic); writes the metrics table,
+    the out-of-fold predictions and the figure."""
+    from threadpoolctl import threadpool_limits
+
+    from affectlens.data.decode import decode_clip
+    from affectlens.data.manifest import read_manifest
+    from affectlens.probes.dynamic import ACOUSTIC_SITE, acoustic_bins, dynamic_probe, pool_bins, rating_bins
+    from affectlens.probes.regression import DEFAULT_ALPHAS
+    from affectlens.store import Store, tower_of
+    from affectlens.viz.dynamic import plot_dynamic
+
+    manifest = read_manifest(manifest_path)
+    ratings = pd.read_csv(ratings_path, sep="\t", dtype={"clip_id": str, "song": str})
+    if "speaker" not in manifest.columns:
+        raise KeyError(f"{manifest_path} has no speaker column to group songs by")
+    with Store(store_path) as store, threadpool_limits(max(1, int(threads))):
+        sites = params.get("sites") or [s for s in store.sites if tower_of(s) == store.towers[0]]
+        absent = [s for s in sites if s not in store.sites]
+        if absent:
+            raise KeyError(f"probe_dynamic.sites names {absent}, which {store_path} does not hold ({store.sites})")
+        towers = sorted({tower_of(s) for s in sites})
+        if len(towers) > 1:
+            raise ValueError(f"probe_dynamic.sites spans towers {towers}; list the sites of one tower (their frames "
+                             "share one time axis)")
+        bins = rating_bins(ratings, store.clip_ids, store.n_frames_of(sites[0]),
+                           float(store.attrs.get("frame_rate", 0) or 0),
+                           manifest.set_index(manifest["clip_id"].astype(str))["speaker"],
+                           bin_s=params["bin_s"], lag_s=params["lag_s"], where=str(store_path))
+        features = None
+        if params["acoustic_baseline"]:
+            paths = dict(zip(manifest["clip_id"].astype(str), manifest["path"].astype(str)))
+            waves = {row: decode_clip(paths[store.clip_ids[row]]) for row in bins.table["row"].unique()}
+            features = acoustic_bins(waves, 16000, bins)
+
+        def get(site):
+            if site == ACOUSTIC_SITE:
+                return features
+            return pool_bins(store.frame_chunks(site), store.offsets_of(site), bins)
+
+        table, predictions = dynamic_probe(get, ([ACOUSTIC_SITE] if features is not None else []) + list(sites), bins,
+                                           n_splits=params["n_splits"], n_permutations=params["n_permutations"],
+                                           seed=params["seed"], alphas=tuple(alphas or DEFAULT_ALPHAS))
+        model_id = store.attrs.get("model_id", "model")
+    scale = ", ".join(sorted(ratings["scale"].astype(str).unique())) if "scale" in ratings else ""
+    table["scale"] = scale
+    write_tsv(table, out_table)
+    write_tsv(predictions, out_predictions)
+    plot_dynamic(table, predictions, out_plot, n_songs=params["plot_songs"],
+                 title=f"{model_id}: dynamic valence/arousal ({scale}) per {params['bin_s']:g} s window")
+    return table
+
+
+# --- trace (video question answering) --------------------------------------------------------------
+TRACE_FAMILIES = ("qwen2-vl", "qwen2.5-vl")
+
+
+def trace(manifest_path, dataset_cfg: dict, model_cfg: dict, params: dict, out_table, out_pairs, out_summary,
+          out_heatmaps) -> pd.DataFrame:
+    """Causal tracing of video QA (affectlens.patching.video): per question, the model's answer
+    among the candidates, each counterfactual video, every LM site x token slice patched both
+    ways. Writes the per-question table, its pairs (as the patch stage's, for the probes on patching
+    outcomes), the mean over questions and one heatmap per counterfactual."""
+    from tqdm import tqdm
+
+    from affectlens.data.manifest import read_manifest
+    from affectlens.patching.video import questions_from_manifest, trace_pairs, trace_question, trace_summary
+    from affectlens.viz.heatmap import plot_patch_heatmap
+
+    if dataset_cfg.get("source") != "video_qa":
+        raise ValueError(f"trace: the dataset's source is {dataset_cfg.get('source')!r}; tracing reads a video_qa "
+                         "dataset (questions with candidates about a video)")
+    if model_cfg.get("family") not in TRACE_FAMILIES:
+        raise ValueError(f"trace: model family {model_cfg.get('family')!r}; tracing runs a video-language model "
+                         f"of the families {TRACE_FAMILIES}")
+    questions = questions_from_manifest(read_manifest(manifest_path), params.get("n_questions"), params["seed"],
+                                        where=str(manifest_path))
+    adapter = load_adapter(model_cfg)
+    sites = adapter.sites(params["sites"])
+    log.info("tracing %d questions: counterfactuals %s, slices %s, %d sites", len(questions),
+             params["counterfactuals"], params["slices"], len(sites))
+    tables = [trace_question(adapter, q, params["counterfactuals"], sites, params["slices"],
+                             max_batch=params["max_batch"], answer_style=params["answer_style"])
+              for q in tqdm(questions, desc="trace questions", unit="question")]
+    table = pd.concat(tables, ignore_index=True)
+    write_tsv(table, out_table)
+    write_tsv(trace_pairs(table), out_pairs)
+    summary = trace_summary(table)
+    write_tsv(summary, out_summary)
+    out_heatmaps = Path(out_heatmaps)
+    out_heatmaps.mkdir(parents=True, exist_ok=True)
+    for i, (cf, part) in enumerate(summary.groupby("counterfactual", sort=False)):
+        n = int(part["n_questions"].max())
+        plot_patch_heatmap(part, out_heatmaps / f"{i:02d}_{cf.split(':')[0]}.png",
+                           f"{adapter.model_id}: video QA tracing, counterfactual {cf} ({n} questions)",
+                           xlabel="token slice")
+    return table

@@ -67,6 +67,8 @@ def all_targets():
     for study, dataset, model in study_combos():
         m = config["models"][model]
         targets.append(f"results/probe/{dataset}/{model}/sweep.tsv")
+        if config["datasets"][dataset]["source"] in ("pmemo", "deam"):  # sources with 2 Hz ratings
+            targets.append(f"results/probe/{dataset}/{model}/dynamic.tsv")
         targets += [f"results/sae/{dataset}/{model}/{site}" for site in m["sae_sites"]]
         if m["steer_site"]:
             for c in config["studies"][study]["contrasts"]:

@@ -47,3 +47,23 @@ rule decode:
         "../../envs/data.yaml"
     script:
         "../scripts/decode.py"
+
+
+# PMEmo and DEAM only (requested through probe_dynamic): the 2 Hz valence/arousal curves of the
+# manifest's clips, times from each clip's start, beside the manifest. A small table, like the
+# manifest: made on the submitting host, where the raw files are.
+rule dynamic_ratings:
+    input:
+        raw=rules.raw.output,
+        manifest=rules.manifest.output.manifest,
+    output:
+        ratings="results/manifest/{dataset}.dynamic.tsv",
+    params:
+        dataset=dataset_cfg,
+    log:
+        "logs/dynamic_ratings/{dataset}.log",
+    localrule: True
+    conda:
+        "../../envs/data.yaml"
+    script:
+        "../scripts/dynamic_ratings.py"

@@ -48,3 +48,40 @@ rule heatmaps:
         "../../envs/report.yaml"
     script:
         "../scripts/heatmaps.py"
+
+
+# On demand (not in `all`), for a video_qa dataset and a qwen2-vl / qwen2.5-vl model: causal
+# tracing of the model's answers over counterfactual videos, LM sites x token slices.
+rule trace:
+    input:
+        manifest=rules.decode.output.manifest,
+    output:
+        table="results/trace/{dataset}/{model}/per_question.tsv",
+        pairs="results/trace/{dataset}/{model}/pairs.tsv",
+        summary="results/trace/{dataset}/{model}/summary.tsv",
+        heatmaps=report(
+            directory("results/trace/{dataset}/{model}/heatmaps"),
+            patterns=["{name}.png"],
+            caption="../report/trace.rst",
+            category="Video QA tracing",
+            subcategory="{dataset} x {model}",
+            labels={"map": "{name}"},
+        ),
+    params:
+        dataset=dataset_cfg,
+        model=model_cfg,
+        trace=config["trace"],
+    log:
+        "logs/trace/{dataset}/{model}.log",
+    benchmark:
+        "benchmarks/trace/{dataset}/{model}.tsv"
+    threads: 2
+    retries: 2
+    resources:
+        gpu=1,
+        mem_mb=mem_by_attempt(16000),
+        runtime=240,
+    conda:
+        "../../envs/patch.yaml"
+    script:
+        "../scripts/trace.py"

@@ -121,3 +121,37 @@ rule probe_study:
         "../../envs/probe.yaml"
     script:
         "../scripts/probe_study.py"
+
+
+# PMEmo and DEAM (requested by `all` for datasets of those sources): regression probes of the 2 Hz
+# valence/arousal ratings per 0.5 s window at every site, next to the acoustic baseline.
+rule probe_dynamic:
+    input:
+        store=rules.extract.output.store,
+        manifest=rules.decode.output.manifest,
+        ratings=rules.dynamic_ratings.output.ratings,
+    output:
+        table="results/probe/{dataset}/{model}/dynamic.tsv",
+        predictions="results/probe/{dataset}/{model}/dynamic_predictions.tsv",
+        plot=report(
+            "results/probe/{dataset}/{model}/dynamic.png",
+            caption="../report/probe_dynamic.rst",
+            category="Probes",
+            subcategory=study_of,
+            labels={"dataset": "{dataset}", "model": "{model}", "figure": "dynamic valence/arousal"},
+        ),
+    log:
+        "logs/probe_dynamic/{dataset}/{model}.log",
+    conda:
+        # librosa for the acoustic baseline's window features
+        "../../envs/steer.yaml"
+    threads: 2
+    retries: 1
+    resources:
+        mem_mb=mem_by_attempt(4000),
+        runtime=120,
+    params:
+        settings=config["probe_dynamic"],
+        alphas=config["probe"]["ridge_alphas"],
+    script:
+        "../scripts/probe_dynamic.py"

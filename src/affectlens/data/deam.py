@@ -9,6 +9,7 @@ Published layout (two zip archives):
             the published headers carry a space after each comma)
         dynamic (per second annotations)/valence.csv, arousal.csv
             song_id, sample_15000ms, sample_15500ms, ...  ([-1, 1], 2 Hz from 15 s)
+`read_ratings` gives the dynamic ones per manifest clip (affectlens.data.music.clip_ratings).
 
 Manifest: one row per song with a static rating and an MP3 (or per window with `segment_s`);
 label from valence/arousal (see affectlens.data.music; static midpoint 5, dynamic midpoint 0);
@@ -31,13 +32,14 @@ from affectlens.data.annotations import (AnnotationError, find_dir, read_table, 
                                          to_float, to_int, walk)
 from affectlens.data.archive import extract
 from affectlens.data.download import download, link_tree
-from affectlens.data.music import LABELS, segments, va_label
+from affectlens.data.music import LABELS, clip_ratings, segments, va_label
 
 log = logging.getLogger(__name__)
 
 BASE_URL = "http://cvml.unige.ch/databases/DEAM"
 STATIC_MIDPOINT = 5.0
 DYNAMIC_MIDPOINT = 0.0
+DYNAMIC_SCALE = "[-1, 1]"
 LAST_TRAIN_SONG = 2000
 _SAMPLE = re.compile(r"^sample_(\d+)ms$")
 
@@ -124,6 +126,26 @@ def read_dynamic_table(path: Path, value: str) -> pd.DataFrame:
                          value: to_float(long[value], path, value).to_numpy()})
 
 
+def read_dynamic(raw_dir: Path, needed_by: str) -> dict[int, pd.DataFrame]:
+    """{song_id: rows time, valence, arousal} from the dynamic valence.csv and arousal.csv (times
+    where both are rated)."""
+    found = {v: _candidates(Path(raw_dir), rf"^{v}\.csv$") for v in ("valence", "arousal")}
+    for v, paths in found.items():
+        if not paths:
+            raise FileNotFoundError(f"{raw_dir}: no dynamic {v}.csv; {needed_by} needs DEAM's dynamic annotations "
+                                    "(DEAM_Annotations.zip)")
+    dyn = read_dynamic_table(found["valence"][0], "valence").merge(
+        read_dynamic_table(found["arousal"][0], "arousal"), on=["song_id", "time"], how="inner")
+    return {sid: g.sort_values("time").reset_index(drop=True) for sid, g in dyn.groupby("song_id")}
+
+
+def read_ratings(raw_dir: Path, manifest: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """The 2 Hz dynamic ratings of the manifest's clips (whole excerpts or segments), times from
+    each clip's start, on DEAM's dynamic [-1, 1] scale: (table, clip ids without any rating)."""
+    dynamic = {str(k): v for k, v in read_dynamic(raw_dir, "the dynamic ratings table").items()}
+    return clip_ratings(manifest, dynamic, "song_id", DYNAMIC_SCALE)
+
+
 def build_manifest(raw_dir: Path, dataset: str, opts: Options) -> tuple[pd.DataFrame, list[dict]]:
     raw_dir = Path(raw_dir)
     static_paths = _candidates(raw_dir, r"^static_annotations_averaged_songs_.*\.csv$")
@@ -154,13 +176,7 @@ def build_manifest(raw_dir: Path, dataset: str, opts: Options) -> tuple[pd.DataF
                    for p in sorted(audio.glob("*.mp3")) if p.stem.isdigit() and int(p.stem) not in rated]
     manifest = pd.DataFrame(rows)
     if opts.segment_s:
-        found = {v: _candidates(raw_dir, rf"^{v}\.csv$") for v in ("valence", "arousal")}
-        for v, paths in found.items():
-            if not paths:
-                raise FileNotFoundError(f"{raw_dir}: no dynamic {v}.csv; segment_s needs the dynamic annotations")
-        dyn = read_dynamic_table(found["valence"][0], "valence").merge(
-            read_dynamic_table(found["arousal"][0], "arousal"), on=["song_id", "time"], how="inner")
-        dynamic = {sid: g.sort_values("time").reset_index(drop=True) for sid, g in dyn.groupby("song_id")}
+        dynamic = read_dynamic(raw_dir, "segment_s")
         windows, missing = segments(manifest, dynamic, opts.segment_s, DYNAMIC_MIDPOINT, opts.label)
         rejections += [rejection(f"deam_{k}", "", "no dynamic rating to cut segments from") for k in missing]
         manifest = pd.DataFrame(windows, columns=list(manifest.columns) + ["song_valence", "song_arousal"])

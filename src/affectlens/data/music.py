@@ -10,6 +10,11 @@ The ratings themselves stay in the manifest as `valence` and `arousal`.
 Segments. With `segment_s`, each song becomes consecutive windows of that length over the span
 its dynamic annotation covers, each labelled by the mean of the dynamic ratings inside it; the
 song's static ratings stay as `song_valence`, `song_arousal`.
+
+Dynamic ratings. `clip_ratings` keeps the 2 Hz curves themselves for the clips of a manifest, as
+one tidy table (RATING_COLUMNS): a time-resolved probe regresses frame bins on them. Times are
+seconds from the clip's own start (a segment's ratings are those inside it, re-based), values on
+the dataset's own scale, which the `scale` column states.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 LABELS = ("quadrant", "valence", "arousal")
+RATING_COLUMNS = ("clip_id", "song", "time_s", "valence", "arousal", "scale")
 
 
 def va_label(valence: float, arousal: float, midpoint: float, kind: str) -> str:
@@ -62,3 +68,41 @@ def segments(song_rows: pd.DataFrame, dynamic: dict[str, pd.DataFrame], segment_
             })
             out.append(seg)
     return out, missing
+
+
+def song_key(value) -> str:
+    """A song id as the annotation tables spell it: "12", whether the manifest TSV read it as 12 or 12.0."""
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+def clip_ratings(manifest: pd.DataFrame, dynamic: dict, song_column: str, scale: str,
+                 key=song_key) -> tuple[pd.DataFrame, list[str]]:
+    """The dynamic ratings of every manifest clip: (table RATING_COLUMNS, clip ids without any).
+
+    `dynamic[key(song)]`: rows time (s from the song's audio start), valence, arousal; the song of a
+    clip is its `song_column`. A clip with `start`/`end` (a segment) gets the ratings in
+    [start, end), with time_s counted from `start`; a whole clip (empty start) keeps every rating."""
+    for col in ("clip_id", song_column):
+        if col not in manifest.columns:
+            raise KeyError(f"manifest has no column {col!r} to find each clip's dynamic ratings by; "
+                           f"its columns are {list(manifest.columns)}")
+    start = manifest["start"] if "start" in manifest.columns else pd.Series(np.nan, index=manifest.index)
+    end = manifest["end"] if "end" in manifest.columns else pd.Series(np.nan, index=manifest.index)
+    frames, missing = [], []
+    for clip_id, song, a, b in zip(manifest["clip_id"].astype(str), manifest[song_column], start, end):
+        dyn = dynamic.get(key(song))
+        t = np.empty(0) if dyn is None else dyn["time"].to_numpy(float)
+        a = 0.0 if pd.isna(a) else float(a)
+        keep = t >= a - 1e-9
+        if not pd.isna(b):
+            keep &= t < float(b) - 1e-9
+        if not keep.any():
+            missing.append(clip_id)
+            continue
+        frames.append(pd.DataFrame({"clip_id": clip_id, "song": str(key(song)), "time_s": np.round(t[keep] - a, 6),
+                                    "valence": dyn["valence"].to_numpy(float)[keep],
+                                    "arousal": dyn["arousal"].to_numpy(float)[keep], "scale": scale}))
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(RATING_COLUMNS))
+    return table[list(RATING_COLUMNS)], missing

@@ -8,6 +8,7 @@ Published layout (PMEmo2019):
     PMEmo2019/annotations/static_annotations_std.csv   musicId, Arousal(std), Valence(std)
     PMEmo2019/annotations/dynamic_annotations.csv  musicId, frameTime, Arousal(mean), Valence(mean)
 Ratings are in [0, 1] (midpoint 0.5); dynamic ones at 2 Hz from 15 s into each chorus.
+`read_ratings` gives the dynamic ones per manifest clip (affectlens.data.music.clip_ratings).
 
 Manifest: one row per song with a static rating and a chorus file (or per window with
 `segment_s`), label from valence/arousal (see affectlens.data.music), speaker = artist (songs
@@ -30,11 +31,12 @@ import pandas as pd
 from affectlens.data.annotations import (find_dir, find_file, read_table, rejection, require_columns, to_float)
 from affectlens.data.archive import extract
 from affectlens.data.download import download, link_tree
-from affectlens.data.music import LABELS, segments, va_label
+from affectlens.data.music import LABELS, clip_ratings, segments, va_label
 
 log = logging.getLogger(__name__)
 
 MIDPOINT = 0.5
+SCALE = "[0, 1]"  # static and dynamic ratings alike
 
 
 @dataclass(frozen=True)
@@ -145,3 +147,9 @@ def build_manifest(raw_dir: Path, dataset: str, opts: Options) -> tuple[pd.DataF
                        for k in missing]
         manifest = pd.DataFrame(windows, columns=list(manifest.columns) + ["song_valence", "song_arousal"])
     return manifest.drop(columns=["song_key"]), rejections
+
+
+def read_ratings(raw_dir: Path, manifest: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """The 2 Hz dynamic ratings of the manifest's clips (whole choruses or segments), times from
+    each clip's start, on PMEmo's [0, 1] scale: (table, clip ids without any rating)."""
+    return clip_ratings(manifest, read_dynamic(_find(Path(raw_dir), "dynamic_annotations.csv")), "music_id", SCALE)

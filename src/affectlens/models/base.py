@@ -40,11 +40,25 @@ class Batch:
         return len(self.n_frames)
 
     def repeat(self, n: int) -> "Batch":
-        """The same clip(s) n times along the batch axis (for batched interventions)."""
+        """Each clip n times in a row along the batch axis (for batched interventions). Inputs whose
+        rows are not one per clip (a vision tower's patches of all clips concatenated) are named in
+        `meta["flat_rows"]` with their rows per clip, and repeated clip by clip."""
+        flat = self.meta.get("flat_rows", {})
+
+        def rep(key, v):
+            if not isinstance(v, torch.Tensor):
+                return v
+            if key in flat:
+                return torch.cat([part for part in torch.split(v, flat[key]) for _ in range(n)])
+            return v.repeat_interleave(n, dim=0)
+
+        meta = dict(self.meta)
+        if flat:
+            meta["flat_rows"] = {k: [r for r in rows for _ in range(n)] for k, rows in flat.items()}
         return Batch(
-            {k: v.repeat_interleave(n, dim=0) if isinstance(v, torch.Tensor) else v for k, v in self.inputs.items()},
+            {k: rep(k, v) for k, v in self.inputs.items()},
             [f for f in self.n_frames for _ in range(n)],
-            dict(self.meta),
+            meta,
             {t: [p for p in ps for _ in range(n)] for t, ps in self.positions.items()},
         )
 
@@ -163,6 +177,10 @@ def block_hook_point(layers: nn.ModuleList, site: Site, attn: str = "self_attn",
 
 def _install(module: nn.Module, where: str, site: str, edit: Intervention | None, keep: bool, cache: dict,
              reduce: Callable[[torch.Tensor, str], Any] | None = None):
+    """Our hook runs before any hook already on the module: transformers records
+    `output_hidden_states` with forward hooks of its own, installed at the first such call and kept,
+    and some models build later inputs from those records (Qwen-Omni's Talker reads the Thinker's),
+    so an edit must come before the recorder to reach them whatever ran before."""
     def apply(hidden: torch.Tensor) -> torch.Tensor:
         if edit is not None:
             new = edit(hidden, site)
@@ -182,7 +200,7 @@ def _install(module: nn.Module, where: str, site: str, edit: Intervention | None
             kwargs["hidden_states"] = apply(kwargs["hidden_states"])
             return args, kwargs
 
-        return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        return module.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True)
 
     def post_hook(mod, args, output):
         if isinstance(output, tuple):
@@ -192,4 +210,4 @@ def _install(module: nn.Module, where: str, site: str, edit: Intervention | None
             return output
         return apply(output)
 
-    return module.register_forward_hook(post_hook)
+    return module.register_forward_hook(post_hook, prepend=True)

@@ -1,4 +1,5 @@
-"""Qwen2.5-Omni and Qwen3-Omni (Qwen3OmniMoe*): the Thinker with its audio and vision towers.
+"""Qwen2.5-Omni and Qwen3-Omni (Qwen3OmniMoe*): the Thinker with its audio and vision towers, and
+with the full model (the Thinker, the Talker and the codec decoder) the Talker's towers too.
 
 Towers and sites:
     audio.embed, audio.blocks.{L}.{point}      the audio encoder (Qwen2.5-Omni: 50 frames/s before
@@ -7,6 +8,18 @@ Towers and sites:
     vision.embed, vision.blocks.{L}.{point}    the vision encoder's patches (images or video frames)
     thinker.embed, thinker.blocks.{L}.{point}  the Thinker LM over the whole prompt (mlp_out is
                                                the mixture-of-experts output in Qwen3-Omni)
+    talker.embed, talker.blocks.{L}.{point}    the Talker LM (full model only): embed is its input
+                                               after the projection from the Thinker's width
+                                               (Qwen2.5-Omni's thinker_to_talker_proj; Qwen3-Omni
+                                               projects the Thinker's states before summing them
+                                               with codec embeddings); mlp_out is the Qwen3-Omni
+                                               Talker's mixture of experts
+    predictor.embed, predictor.blocks.{L}.{point}
+                                               Qwen3-Omni's code predictor (full model only): for
+                                               each codec frame a short sequence [Talker state,
+                                               code of codebook 0, ..., code of codebook Q-2] that
+                                               predicts codebooks 1..Q-1. Qwen2.5-Omni's Talker
+                                               writes one code per frame and has no predictor.
 
 A clip's input is its audio and text, plus video frames for a video source: the prompt holds the
 placeholders (<|audio_start|><|audio_pad|><|audio_end|>, <|vision_start|><|video_pad|>
@@ -18,10 +31,18 @@ their strings). The audio and vision encoders run on all real frames of the batc
 
 Qwen3-Omni adds its vision "deepstack" features to the Thinker's hidden state after its first
 blocks, outside the blocks: such a block's resid_post is before that addition.
-The Talker and its code predictor are not exposed yet.
+
+The Talker runs only while speech is generated (`affectlens.steering.omni.steer_speech`), after the
+Thinker has written its answer: `forward` runs the Thinker alone, so extraction into a store covers
+the audio, vision and thinker towers, and `talker_positions` says what each Talker position of a
+generation run is (a Thinker-conditioned prefix, then one position per codec frame with its time
+at the codec frame rate, `codec_rate`). `from_source` loads the Thinker alone (cheaper) unless
+`towers` names talker or predictor, or `talker=True`.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -34,6 +55,8 @@ from affectlens.models.positions import Positions, flat_positions, patch_positio
 from affectlens.models.sites import Site, SiteError
 
 SAMPLE_RATE = 16000
+SPEECH_SAMPLE_RATE = 24000  # both families' codec decoders write 24 kHz speech (not in their configs)
+TALKER_TOWERS = ("talker", "predictor")
 AUDIO = "<|audio_start|><|audio_pad|><|audio_end|>"
 VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
 
@@ -57,8 +80,21 @@ def audio_times(family: str, n_mel: int) -> tuple[np.ndarray, np.ndarray]:
     return t, t
 
 
+def codec_rate(model: nn.Module) -> float:
+    """Codec frames per second of the full model's speech: the 24 kHz output's samples per code.
+    Qwen2.5-Omni: each code is `repeats` mel frames of the DiT, each mel frame the BigVGAN's product
+    of upsample rates in samples (2 x 240 -> 50 codes/s); Qwen3-Omni: each frame of Q codes is the
+    code2wav's total upsampling in samples (1920 -> 12.5 frames/s)."""
+    if hasattr(model, "code2wav"):
+        cfg = model.code2wav.config
+        return SPEECH_SAMPLE_RATE / float(np.prod([*cfg.upsample_rates, *cfg.upsampling_ratios]))
+    cfg = model.token2wav.config
+    return SPEECH_SAMPLE_RATE / float(cfg.dit_config.repeats * np.prod(cfg.bigvgan_config.upsample_rates))
+
+
 class QwenOmniAdapter(Adapter):
     families = ("qwen2.5-omni", "qwen3-omni")
+    optional_towers = TALKER_TOWERS
     sample_rate = SAMPLE_RATE
     frame_rate = 50.0
     inputs = ("audio", "text")
@@ -78,20 +114,68 @@ class QwenOmniAdapter(Adapter):
         self.processor = processor
         cfg = thinker.config
         self.placeholders = {cfg.audio_token_id: "audio", cfg.video_token_id: "video", cfg.image_token_id: "image"}
+        # the full model with its speech half: the Talker LM, and Qwen3-Omni's code predictor
+        self.talker = getattr(model, "talker", None) if getattr(model, "has_talker", False) else None
+        self.talker_layers = self.talker.model.layers if self.talker is not None else None
+        predictor = getattr(self.talker, "code_predictor", None)
+        self.predictor_layers = predictor.model.layers if predictor is not None else None
+        self._speech_sites: list[str] = []  # talker/predictor sites of the hooks installed now
 
     @classmethod
     def from_source(cls, source: str, device: str = "cpu", dtype: str = "float32", revision: str | None = None,
-                    device_map=None, family: str = "qwen3-omni") -> "QwenOmniAdapter":
+                    device_map=None, family: str = "qwen3-omni", towers: tuple[str, ...] | None = None,
+                    talker: bool | None = None) -> "QwenOmniAdapter":
+        """The Thinker alone (cheaper: no Talker, no codec decoder), or the full model when `towers`
+        names talker or predictor, or `talker=True` (e.g. to generate speech)."""
         from transformers import AutoProcessor
 
+        if family not in cls.families:
+            raise ValueError(f"Qwen-Omni family {family!r}: choose one of {cls.families}")
+        if talker is None:
+            talker = bool(set(towers or ()) & set(TALKER_TOWERS))
         full, thinker = _classes(family)
-        model, rev, where = load_pretrained(thinker, source, revision, dtype, device, device_map)
+        model, rev, where = load_pretrained(full if talker else thinker, source, revision, dtype, device, device_map)
+        if talker and not getattr(model, "has_talker", False):
+            raise ValueError(f"{source}: this checkpoint has no Talker (its config sets enable_audio_output "
+                             "false); use Thinker sites only, or a checkpoint with the Talker's weights")
         return cls(model, source, rev, family=family, processor=load_processor(AutoProcessor, where, revision))
 
     @property
     def n_blocks(self) -> dict[str, int]:
-        return {"audio": len(self.audio_tower.layers), "vision": len(self.visual.blocks),
-                "thinker": len(self.lm_layers)}
+        blocks = {"audio": len(self.audio_tower.layers), "vision": len(self.visual.blocks),
+                  "thinker": len(self.lm_layers)}
+        if self.talker_layers is not None:
+            blocks["talker"] = len(self.talker_layers)
+        if self.predictor_layers is not None:
+            blocks["predictor"] = len(self.predictor_layers)
+        return blocks
+
+    def _tower_error(self, site: str, tower: str) -> SiteError:
+        if tower == "predictor" and self.family == "qwen2.5-omni":
+            return SiteError(f"site {site}: Qwen2.5-Omni has no code predictor (its Talker writes one code per "
+                             "frame); its speech sites are talker.*")
+        if tower in TALKER_TOWERS and self.talker is None:
+            return SiteError(f"site {site}: {self.model_id} is loaded as the Thinker alone; load the full model "
+                             "(QwenOmniAdapter.from_source(..., talker=True), or list a talker/predictor site among "
+                             "the model's configured `sites`) for the Talker's towers")
+        return SiteError(f"site {site}: {self.family} has the towers {sorted(self.n_blocks)}")
+
+    @contextmanager
+    def hooks(self, interventions=None, capture=(), reduce=None):
+        """`Adapter.hooks`, with a message that says how to get a Talker tower the adapter lacks;
+        remembers which speech sites are installed, so that `forward` can refuse to read them."""
+        names = list(dict.fromkeys([*(interventions or {}), *capture]))
+        for name in names:
+            tower = name.split(".", 1)[0]
+            if tower in TALKER_TOWERS and tower not in self.n_blocks:
+                raise self._tower_error(name, tower)
+        outer = self._speech_sites
+        self._speech_sites = [n for n in names if n.split(".", 1)[0] in TALKER_TOWERS]
+        try:
+            with super().hooks(interventions, capture, reduce) as cache:
+                yield cache
+        finally:
+            self._speech_sites = outer
 
     def _hook_point(self, site: Site) -> tuple[nn.Module, str]:
         if site.tower == "audio":
@@ -100,7 +184,11 @@ class QwenOmniAdapter(Adapter):
             return block_hook_point(self.visual.blocks, site, attn="attn", mlp="mlp")
         if site.tower == "thinker":
             return block_hook_point(self.lm_layers, site)
-        raise SiteError(f"site {site}: {self.family} exposes the towers 'audio', 'vision' and 'thinker'")
+        if site.tower == "talker" and self.talker_layers is not None:
+            return block_hook_point(self.talker_layers, site)
+        if site.tower == "predictor" and self.predictor_layers is not None:
+            return block_hook_point(self.predictor_layers, site)
+        raise self._tower_error(str(site), site.tower)
 
     def prompt(self, text: str, video: bool = False) -> str:
         """The clip's text as a prompt: kept when it holds the placeholders, else after them in a
@@ -152,14 +240,100 @@ class QwenOmniAdapter(Adapter):
         dtype = next(self.model.parameters()).dtype
         inputs = {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device))
                   for k, v in enc.items() if isinstance(v, torch.Tensor)}
-        return Batch(inputs, [len(p) for p in positions["audio"]], {"family": self.family,
-                                                                    "flat_towers": {"audio", "vision"}}, positions)
+        meta = {"family": self.family, "flat_towers": {"audio", "vision"}}
+        if has_video:
+            meta["flat_rows"] = {"pixel_values_videos": [t * h * w for t, h, w in grids]}
+        return Batch(inputs, [len(p) for p in positions["audio"]], meta, positions)
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        """The Thinker's next-token logits [clip, token, vocab]."""
+        """The Thinker's next-token logits [clip, token, vocab]. The Talker does not run here (it
+        needs the Thinker's answer): its sites are read and steered during generation
+        (`affectlens.steering.omni`)."""
+        if self._speech_sites:
+            raise ValueError(f"{self.model_id}: the sites {self._speech_sites} belong to the Talker, which runs only "
+                             "while speech is generated (affectlens.steering.omni.generate_speech), not in a forward "
+                             "over the prompt; remove them from the model's `sites` for extraction and patching")
         return self.thinker(**batch.inputs, use_cache=False).logits
 
 
 def _timed(times: np.ndarray, kind: str) -> Positions:
     n = len(times)
     return Positions(np.arange(n), np.full(n, kind, dtype=object), times, np.full(n, -1), np.full(n, "", dtype=object))
+
+
+def _tokens(adapter: QwenOmniAdapter, ids) -> list[str]:
+    return adapter.processor.tokenizer.convert_ids_to_tokens([int(i) for i in ids])
+
+
+def _code_rows(n: int, rate: float, labels: tuple[str, ...] = ("",)) -> Positions:
+    """n codec frames, each as len(labels) rows at the frame's start time k / rate."""
+    k = np.repeat(np.arange(n), len(labels))
+    return Positions(np.arange(len(k)), np.full(len(k), "code", dtype=object), k / rate, np.full(len(k), -1),
+                     np.asarray(list(labels) * n, dtype=object))
+
+
+def talker_positions(adapter: QwenOmniAdapter, prompt: Positions, prompt_ids, reply_ids, n_code_rows: int,
+                     speaker_bos: int | None = None) -> dict[str, Positions]:
+    """What each position of the Talker (and Qwen3-Omni's code predictor) is in a speech generation
+    run of one clip, as `transformers`' generate builds them; rows in the order the hooks see them.
+
+    prompt: the Thinker positions of the clip's prompt (`Batch.positions["thinker"][0]`);
+    prompt_ids: its token ids; reply_ids: the Thinker's answer (generated ids); n_code_rows: Talker
+    steps after its prefix (codes it generated minus the last, which is never fed back);
+    speaker_bos: Qwen2.5-Omni's text-start id of the speaker (its `speaker_map[speaker]["bos_token"]`).
+
+    Qwen2.5-Omni's Talker: the whole prompt, row for row (each row is the Thinker's input embedding
+    plus its final hidden state; audio/image/video rows keep only the hidden state), then the
+    speaker's text-start token (plus the codec pad embedding) and the answer's first token (plus
+    codec start), both kind text, then one row per code
+    fed back (kind code, time k / codec_rate for code k; that row also carries answer token k + 1,
+    then the text end and pad embeddings). Row r predicts the code after it, the last prefix row
+    code 0.
+    Qwen3-Omni's Talker: the user turn(s) of the prompt only (the system turn is dropped; audio,
+    image and video rows are projected Thinker hidden states of the `accept_hidden_layer`, text rows
+    projected Thinker input embeddings), then 9 assistant rows: the turn's `<|im_start|>`,
+    `assistant`, newline, four tts-pad rows carrying the codec's no-think, think-start, think-end
+    and speaker tokens, a tts-start row with codec pad, the answer's first token with codec start;
+    then one row per codec frame fed back (the sum of its Q codebook embeddings plus answer token
+    k + 1, then tts-end and tts-pad), kind code, time k / codec_rate.
+    Qwen3-Omni's predictor: per codec frame k, Q rows [Talker state that predicted codebook 0,
+    codebook 0, ..., codebook Q-2] at time k / codec_rate, named in `token`.
+    Not determined: which time span of the *input* audio a Talker row attends to (attention, not
+    position), and the exact start of the speech in the decoded wave (the decoders' warm-up)."""
+    prompt_ids, reply_ids = np.asarray(prompt_ids), np.asarray(reply_ids)
+    if len(prompt) != len(prompt_ids):
+        raise ValueError(f"talker_positions: {len(prompt)} prompt positions but {len(prompt_ids)} prompt ids; "
+                         "pass one clip's unpadded prompt")
+    if adapter.talker is None:
+        raise ValueError(f"{adapter.model_id}: loaded as the Thinker alone; it has no Talker positions")
+    rate = codec_rate(adapter.model)
+    reply = _tokens(adapter, reply_ids[:1]) or [""]
+    if adapter.family == "qwen2.5-omni":
+        bos = _tokens(adapter, [speaker_bos]) if speaker_bos is not None else ["<speaker text start>"]
+        head = Positions(np.arange(2), ["text", "text"], [np.nan] * 2, [-1, -1], [*bos, *reply])
+        return {"talker": _stack([prompt, head, _code_rows(n_code_rows, rate)])}
+    cfg = adapter.model.config
+    starts = np.flatnonzero(prompt_ids == cfg.im_start_token_id)
+    role = np.full(len(prompt_ids), -1)
+    for s in starts:
+        role[s:] = prompt_ids[s + 1] if s + 1 < len(prompt_ids) else -1
+    user = np.flatnonzero(role == cfg.user_token_id)
+    assistant = [s for s in starts if s + 1 < len(prompt_ids) and prompt_ids[s + 1] == cfg.assistant_token_id]
+    if not len(user) or not assistant:
+        raise ValueError("talker_positions: the prompt needs a user turn and ends with '<|im_start|>assistant\\n' "
+                         "(the chat template's generation prompt), as Qwen3-Omni's Talker is built from them")
+    a = assistant[-1]
+    turn = [str(t) for t in prompt.token[a:a + 3]]
+    labels = turn + ["tts_pad+codec_nothink", "tts_pad+codec_think_bos", "tts_pad+codec_think_eos",
+                     "tts_pad+codec_speaker", "tts_bos+codec_pad", f"{reply[0]}+codec_bos"]
+    head = Positions(np.arange(9), ["text"] * 9, [np.nan] * 9, [-1] * 9, labels)
+    q = adapter.talker.config.num_code_groups
+    groups = ("talker_state", *(f"codebook_{g}" for g in range(q - 1)))
+    return {"talker": _stack([prompt[user], head, _code_rows(n_code_rows, rate)]),
+            "predictor": _code_rows(n_code_rows, rate, groups)}
+
+
+def _stack(parts: list[Positions]) -> Positions:
+    """Tables concatenated as one sequence: rows re-indexed 0..n-1."""
+    p = Positions.concat(parts)
+    return Positions(np.arange(len(p)), p.kind, p.time, p.frame, p.token)

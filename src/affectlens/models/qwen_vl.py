@@ -17,10 +17,24 @@ say which tokens belong to which video frame (kind "video", frame index, time of
 so that "video frames 2-4" can be selected; text tokens carry their strings. Prompts are
 right-padded (causal: padding never reaches real tokens).
 
-Video frames go through the model's own video processor, which needs torchvision.
+Video frames are patchified here, not by transformers' video processor (which needs
+torchvision): each frame goes through the image processor (resize to the patch grid, rescale,
+normalise), the frames are padded to a multiple of temporal_patch_size with the last frame, and
+each group of temporal_patch_size frames becomes one temporal patch, its patches flattened in
+the processor's merge order as (channel, time, patch_h, patch_w) -- the layout of the video
+processor's patchify. The prompt's <|video_pad|> is expanded to t * h * w / merge**2 tokens
+(what the model's get_rope_index and forward expect for video_grid_thw = (t, h, w)). A video
+token's `frame` is its temporal patch (sampled frames [frame * T, (frame + 1) * T), T =
+temporal_patch_size) and its `time` the time of the first of those frames; Qwen2.5-VL gets
+second_per_grid_ts = T x the frame interval of the clip's times. Images take the same route
+(image processor, <|image_pad|> expanded here), so the adapter uses only the processor's
+tokenizer, image processor and chat template: `ProcessorParts` when the full processor cannot
+load without torchvision.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -66,10 +80,18 @@ class QwenVLAdapter(Adapter):
     @classmethod
     def from_source(cls, source: str, device: str = "cpu", dtype: str = "float32", revision: str | None = None,
                     device_map=None, family: str = "qwen2-vl") -> "QwenVLAdapter":
-        from transformers import AutoProcessor
+        from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
         model, rev, where = load_pretrained(_model_class(family), source, revision, dtype, device, device_map)
-        return cls(model, source, rev, family=family, processor=load_processor(AutoProcessor, where, revision))
+        try:
+            processor = load_processor(AutoProcessor, where, revision)
+        except ImportError as e:  # the processor's video slot needs torchvision; the adapter does not
+            if "torchvision" not in str(e).lower():
+                raise
+            tokenizer = load_processor(AutoTokenizer, where, revision)
+            processor = ProcessorParts(tokenizer, load_processor(AutoImageProcessor, where, revision),
+                                       getattr(tokenizer, "chat_template", None))
+        return cls(model, source, rev, family=family, processor=processor)
 
     @property
     def n_blocks(self) -> dict[str, int]:
@@ -86,10 +108,12 @@ class QwenVLAdapter(Adapter):
         placeholder = VIDEO if kind == "video" else IMAGE
         if placeholder in text:
             return text
-        if getattr(self.processor, "chat_template", None):
+        template = getattr(self.processor, "chat_template", None)
+        if template:
             content = [{"type": kind}, {"type": "text", "text": text}]
-            return self.processor.apply_chat_template([{"role": "user", "content": content}],
-                                                      add_generation_prompt=True, tokenize=False)
+            return self.processor.tokenizer.apply_chat_template([{"role": "user", "content": content}],
+                                                                chat_template=template, add_generation_prompt=True,
+                                                                tokenize=False)
         return f"<|im_start|>user\n{placeholder}{text}<|im_end|>\n<|im_start|>assistant\n"
 
     def prepare(self, clips: list[dict]) -> Batch:
@@ -103,10 +127,21 @@ class QwenVLAdapter(Adapter):
         kind = kinds.pop()
         prompts = [self.prompt(c.get("text") or "", kind) for c in clips]
         if kind == "video":
-            visual = {"videos": [np.asarray(c["video"]["frames"]) for c in clips]}
+            pixels, grids = zip(*(self.video_pixels(c["video"]["frames"]) for c in clips))
         else:
-            visual = {"images": [np.asarray(c["image"]) for c in clips]}
-        enc = self.processor(text=prompts, return_tensors="pt", padding=True, padding_side="right", **visual)
+            pixels, grids = zip(*(self.image_pixels(c["image"]) for c in clips))
+        prompts = [self._expand(p, kind, t * h * w // self.merge**2) for p, (t, h, w) in zip(prompts, grids)]
+        # The tokenizer, not the processor: the processor refuses video tokens without its video
+        # processor (torchvision); the expansion above is the processor's own.
+        enc = dict(self.processor.tokenizer(prompts, return_tensors="pt", padding=True, padding_side="right"))
+        enc["pixel_values_videos" if kind == "video" else "pixel_values"] = torch.cat(pixels)
+        enc[f"{kind}_grid_thw"] = torch.tensor(grids, dtype=torch.long)
+        cfg = self.model.config
+        enc["mm_token_type_ids"] = ((enc["input_ids"] == cfg.image_token_id).long()
+                                    + 2 * (enc["input_ids"] == cfg.video_token_id).long())
+        if kind == "video" and self.family == "qwen2.5-vl":
+            enc["second_per_grid_ts"] = torch.tensor(
+                [self.temporal * _frame_interval(c["video"].get("times")) for c in clips])
         grids = enc[f"{kind}_grid_thw"].tolist()
         vision, decoder = [], []
         for i, ((t, h, w), ids, mask) in enumerate(zip(grids, enc["input_ids"].numpy(), enc["attention_mask"].numpy())):
@@ -123,9 +158,77 @@ class QwenVLAdapter(Adapter):
         dtype = next(self.model.parameters()).dtype
         inputs = {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device))
                   for k, v in enc.items() if isinstance(v, torch.Tensor)}
-        return Batch(inputs, [len(p) for p in decoder], {"family": self.family, "flat_towers": {"vision"}},
-                     {"vision": flat_positions(vision), "decoder": decoder})
+        pixel_key = "pixel_values_videos" if kind == "video" else "pixel_values"
+        meta = {"family": self.family, "flat_towers": {"vision"},
+                "flat_rows": {pixel_key: [t * h * w for t, h, w in grids]}}
+        return Batch(inputs, [len(p) for p in decoder], meta, {"vision": flat_positions(vision), "decoder": decoder})
+
+    def video_pixels(self, frames: np.ndarray) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """[frame, height, width, 3] uint8 -> (pixel_values_videos [t * h * w, 3 * T * p * p],
+        video_grid_thw (t, h, w)), T = temporal_patch_size, p = patch size; see the module docstring."""
+        frames = np.asarray(frames)
+        if frames.ndim != 4 or frames.shape[-1] != 3 or not len(frames):
+            raise ValueError(f"{self.model_id}: video frames must be [frame, height, width, 3] with at least one "
+                             f"frame, got shape {frames.shape}")
+        image_processor = self.processor.image_processor
+        for name, want in (("temporal_patch_size", self.temporal), ("merge_size", self.merge)):
+            if getattr(image_processor, name, want) != want:
+                raise ValueError(f"{self.model_id}: the image processor's {name} is "
+                                 f"{getattr(image_processor, name)}, the model's {want}; load the model's own processor")
+        T, p = self.temporal, image_processor.patch_size
+        if pad := -len(frames) % T:  # the video processor's padding: repeat the last frame
+            frames = np.concatenate([frames, np.repeat(frames[-1:], pad, axis=0)])
+        # Frame sizes follow the video processor's pixel bounds when the processor has one.
+        size = getattr(getattr(self.processor, "video_processor", None), "size", None)
+        enc = image_processor(images=list(frames), return_tensors="pt", **({"size": dict(size)} if size else {}))
+        _, h, w = enc["image_grid_thw"][0].tolist()
+        n, t = len(frames), len(frames) // T
+        # Each image patch holds its frame T times ([channel, T, p, p]); keep one copy per frame and
+        # put T consecutive frames in the T slots of one temporal patch.
+        per_frame = enc["pixel_values"].reshape(n, h * w, 3, T, p, p)[:, :, :, 0]
+        grouped = per_frame.reshape(t, T, h * w, 3, p, p).permute(0, 2, 3, 1, 4, 5)
+        return grouped.reshape(t * h * w, 3 * T * p * p), (t, h, w)
+
+    def image_pixels(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """[height, width, 3] uint8 -> (pixel_values [h * w, 3 * T * p * p], image_grid_thw (1, h, w))."""
+        enc = self.processor.image_processor(images=[np.asarray(image)], return_tensors="pt")
+        return enc["pixel_values"], tuple(enc["image_grid_thw"][0].tolist())
+
+    def _expand(self, prompt: str, kind: str, n_tokens: int) -> str:
+        token = f"<|{kind}_pad|>"
+        if prompt.count(token) != 1:
+            raise ValueError(f"{self.model_id}: a {kind} prompt needs exactly one {token}, found "
+                             f"{prompt.count(token)} in {prompt[:200]!r}")
+        return prompt.replace(token, token * n_tokens)
+
+    def run_from(self, batch: Batch, site: str, activation: torch.Tensor, capture=()):
+        """From a decoder site on, the vision tower's output is overwritten: skip it (the token
+        ids, grids and token types still give the LM its multimodal rotary positions)."""
+        if not site.startswith("decoder."):
+            return super().run_from(batch, site, activation, capture)
+        text_only = Batch({k: v for k, v in batch.inputs.items() if k not in ("pixel_values", "pixel_values_videos")},
+                          batch.n_frames, batch.meta, batch.positions)
+        return self.run(text_only, capture=capture, interventions={site: lambda act, _: activation})
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Next-token logits [clip, token, vocab]."""
         return self.model(**batch.inputs, use_cache=False).logits
+
+
+@dataclass
+class ProcessorParts:
+    """What the adapter uses of a Qwen-VL processor, loadable without torchvision (the full
+    processor's video slot imports it): the tokenizer, the image processor, the chat template.
+    Videos then take the image processor's pixel bounds (video_preprocessor_config.json is not
+    read)."""
+
+    tokenizer: object
+    image_processor: object
+    chat_template: str | None = None
+
+
+def _frame_interval(times) -> float:
+    """Seconds between sampled frames (1 s when the clip gives no times or a single frame)."""
+    if times is None or len(times) < 2:
+        return 1.0
+    return float(np.median(np.diff(np.asarray(times, dtype=np.float64))))

@@ -5,6 +5,10 @@
     latent                        the latent sequence of an autoencoder (RAVE's z between encode
                                   and decode): a tower of its own, without blocks
 
+Towers of speech-generating LMs: `talker` (Qwen-Omni's Talker LM, which writes codec codes) and
+`predictor` (Qwen3-Omni's multi-codebook code predictor, which fills each codec frame's residual
+codebooks after the Talker's first one).
+
 `resid_pre` is not a spelling of its own: the input to block L is `{tower}.embed` for L = 0 and
 `{tower}.blocks.{L-1}.resid_post` otherwise, and the parser says so rather than accepting a
 second name for the same tensor.
@@ -15,7 +19,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-TOWERS = ("encoder", "decoder", "thinker", "talker", "vision", "text", "audio", "latent")
+TOWERS = ("encoder", "decoder", "thinker", "talker", "predictor", "vision", "text", "audio", "latent")
 POINTS = ("resid_post", "attn_out", "mlp_out")
 
 _SITE = re.compile(r"^(?P<tower>[a-z]+)\.(?:(?P<embed>embed)|blocks\.(?P<block>\d+)\.(?P<point>[a-z_]+))$")

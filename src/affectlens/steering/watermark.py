@@ -102,6 +102,45 @@ def embed(wave: np.ndarray, sr: int, key: str = DEFAULT_KEY, snr_db: float = DEF
     return out.astype(np.float32)
 
 
+LEVELS_DB = (34.0, 31.0, 28.0, 25.0, 22.0, 19.0, 16.0, 13.0, 10.0)
+MARGIN = 2.0
+
+
+@dataclass(frozen=True)
+class Marked:
+    wave: np.ndarray
+    snr_db: float
+    """The level chosen for this clip (dB below the clip)."""
+    score: float
+    """Detection score of the chosen level after the codec round trip."""
+    margin_met: bool
+    """False when even the loudest level stayed under margin x threshold (it is used anyway)."""
+
+
+def embed_quietest(wave: np.ndarray, sr: int, key: str = DEFAULT_KEY, levels=LEVELS_DB, margin: float = MARGIN,
+                   threshold: float = THRESHOLD, codec: str = "opus", bitrate: int = 16000) -> Marked:
+    """The quietest watermark that this clip still carries through a lossy re-encode.
+
+    Levels are tried from quiet to loud; each marked copy is encoded with `codec` at `bitrate`
+    (Opus 16 kbit/s, the harshest re-encode the mark is claimed to survive) and decoded again, and
+    the first level whose detection score there is at least `margin` x `threshold` is taken. How
+    loud a mark has to be depends on the clip (length, how much of it is loud speech), so a fixed
+    level is either audible and costly to ASR on long clips or too weak on short ones."""
+    import tempfile
+
+    levels = sorted(levels, reverse=True)
+    best = None
+    with tempfile.TemporaryDirectory() as tmp:
+        for level in levels:
+            marked = embed(wave, sr, key=key, snr_db=level)
+            path = encode(marked, sr, Path(tmp) / f"{level:g}.ogg", codec, bitrate)
+            score = detect(*load_any(path), key=key, threshold=threshold).score
+            best = Marked(marked, float(level), score, score >= margin * threshold)
+            if best.margin_met:
+                break
+    return best
+
+
 def _lag_correlation(wave16: np.ndarray, block: np.ndarray) -> np.ndarray:
     """GCC-PHAT circular cross-correlation [BLOCK] of the folded wave with the key's block."""
     n = int(np.ceil(len(wave16) / BLOCK)) * BLOCK
@@ -159,9 +198,11 @@ def snr_db(original: np.ndarray, marked: np.ndarray) -> float:
 
 # --- files ----------------------------------------------------------------------------------------
 def write_steered_audio(path: str | Path, wave: np.ndarray, sr: int, key: str = DEFAULT_KEY,
-                        snr_db: float = DEFAULT_SNR_DB, label: str = LABEL) -> Path:
-    """Write steered audio, watermarked and labelled, atomically. WAV gets the label in its
-    LIST/INFO chunk (ICMT comment, INAM title), FLAC/OGG in Vorbis comments. PCM_16 for WAV."""
+                        snr_db: float | str = "auto", label: str = LABEL) -> float:
+    """Write steered audio, watermarked and labelled, atomically; returns the watermark's level in
+    dB. `snr_db` "auto" takes the quietest level that survives re-encoding with margin
+    (`embed_quietest`), a number that fixed level. WAV gets the label in its LIST/INFO chunk (ICMT
+    comment, INAM title), FLAC/OGG in Vorbis comments. PCM_16 for WAV."""
     import soundfile as sf
 
     from affectlens.io import atomic_path
@@ -170,7 +211,13 @@ def write_steered_audio(path: str | Path, wave: np.ndarray, sr: int, key: str = 
     fmt = path.suffix.lstrip(".").upper()
     if fmt not in ("WAV", "FLAC", "OGG"):
         raise ValueError(f"cannot write steered audio to {path}: use .wav or .flac (labels need a tag chunk)")
-    marked = embed(wave, sr, key=key, snr_db=snr_db)
+    if snr_db == "auto":
+        chosen = embed_quietest(wave, sr, key=key)
+        marked, snr_db = chosen.wave, chosen.snr_db
+    elif isinstance(snr_db, (int, float)):
+        marked = embed(wave, sr, key=key, snr_db=float(snr_db))
+    else:
+        raise ValueError(f"watermark level {snr_db!r}: give a number of dB or 'auto'")
     subtype = {"WAV": "PCM_16", "FLAC": "PCM_16", "OGG": "VORBIS"}[fmt]
     with atomic_path(path) as tmp:
         with sf.SoundFile(tmp, "w", samplerate=sr, channels=1, subtype=subtype, format=fmt) as f:
@@ -178,7 +225,7 @@ def write_steered_audio(path: str | Path, wave: np.ndarray, sr: int, key: str = 
             f.title = label
             f.software = "affectlens"
             f.write(marked)
-    return path
+    return float(snr_db)
 
 
 def read_label(path: str | Path) -> str | None:

@@ -24,7 +24,8 @@ def heatmap_grid(summary: pd.DataFrame, direction: str, method: str = "exact") -
     if "method" in d:
         d = d[d["method"] == method]
     d = d.copy()
-    d["window"] = [f"{a:.2f}–{b:.2f}s" for a, b in zip(d["start_s"], d["end_s"])]
+    if "window" not in d:  # summaries over other columns (video tracing's token slices) bring their labels
+        d["window"] = [f"{a:.2f}–{b:.2f}s" for a, b in zip(d["start_s"], d["end_s"])]
     grid = d.pivot_table(index=["depth", "site"], columns=["frame_start", "window"], values="mean", aggfunc="first")
     grid = grid.sort_index(axis=0).sort_index(axis=1)
     grid.index = grid.index.get_level_values("site")
@@ -47,7 +48,7 @@ def color_limit(summary: pd.DataFrame) -> float:
 
 
 def plot_patch_heatmap(summary: pd.DataFrame, path: str | Path, title: str, method: str = "exact",
-                       vmax: float | None = None) -> Path:
+                       vmax: float | None = None, xlabel: str = "time window (s)") -> Path:
     """Denoising and noising side by side, sites (rows) × time windows (columns, seconds), on one
     diverging scale centred on 0 running from -vmax to +vmax (stated on the colour bar)."""
     present = summary if "method" not in summary else summary[summary["method"] == method]
@@ -62,7 +63,7 @@ def plot_patch_heatmap(summary: pd.DataFrame, path: str | Path, title: str, meth
         im = ax.imshow(grid.to_numpy(dtype=float), cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto")
         ax.set_xticks(range(grid.shape[1]), grid.columns, rotation=60, ha="right", fontsize=7)
         ax.set_yticks(range(grid.shape[0]), grid.index, fontsize=7)
-        ax.set_xlabel("time window (s)")
+        ax.set_xlabel(xlabel)
         ax.set_title({"denoising": "denoising (clean → corrupt run): sufficiency",
                       "noising": "noising (corrupt → clean run): necessity"}[direction], fontsize=9)
         for (i, j), v in np.ndenumerate(grid.to_numpy(dtype=float)):

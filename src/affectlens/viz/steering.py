@@ -39,3 +39,27 @@ def plot_dose_response(summary: pd.DataFrame, path: str | Path, title: str = "")
         fig.savefig(tmp, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def plot_music_dose_response(summary: pd.DataFrame, path: str | Path, title: str = "") -> Path:
+    """Three panels over alpha: the independent mood judge's valence and energy change (95%
+    intervals over prompts), level and tempo change, and distance from the unsteered piece."""
+    s = summary.sort_values("alpha")
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), constrained_layout=True)
+    for ax, cols, ylabel, ttl in (
+            (axes[0], (("valence_change", "valence"), ("energy_change", "energy")), "change (judge, 0-1 scale)",
+             "mood judge (vibenet) vs lowest alpha"),
+            (axes[1], (("active_rms_db_change", "level (dB)"), ("tempo_bpm_change", "tempo (BPM)")), "change",
+             "acoustics vs lowest alpha")):
+        for i, (col, name) in enumerate(cols):
+            ax.errorbar(s.alpha, s[col], yerr=s[f"{col}_ci95"], fmt="o-", color=f"C{i}", capsize=3, label=name)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set(xlabel="alpha", ylabel=ylabel, title=ttl)
+        ax.legend(fontsize=8)
+    axes[2].plot(s.alpha, s.log_mel_l1_to_base, "o-", color="C3")
+    axes[2].set(xlabel="alpha", ylabel="log-mel L1 (nats)", title="distance from the unsteered piece")
+    fig.suptitle(title, fontsize=10)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    return Path(path)
