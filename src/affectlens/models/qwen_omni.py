@@ -32,7 +32,7 @@ their strings). The audio and vision encoders run on all real frames of the batc
 Qwen3-Omni adds its vision "deepstack" features to the Thinker's hidden state after its first
 blocks, outside the blocks: such a block's resid_post is before that addition.
 
-The Talker runs only while speech is generated (`affectlens.steering.omni.steer_speech`), after the
+The Talker runs only while speech is generated (`affectlens.steering.omni.generate_speech`), after the
 Thinker has written its answer: `forward` runs the Thinker alone, so extraction into a store covers
 the audio, vision and thinker towers, and `talker_positions` says what each Talker position of a
 generation run is (a Thinker-conditioned prefix, then one position per codec frame with its time

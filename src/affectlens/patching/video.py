@@ -215,12 +215,6 @@ def _last_rows(batch: Batch) -> list[int]:
     return [int(p.index[-1]) for p in batch.positions["decoder"]]
 
 
-def _without_pixels(batch: Batch) -> Batch:
-    """From an LM site on, the vision tower's output is overwritten: patched runs need no pixels."""
-    return Batch({k: v for k, v in batch.inputs.items() if k not in ("pixel_values", "pixel_values_videos")},
-                 batch.n_frames, batch.meta, batch.positions)
-
-
 def _check_aligned(clean: Positions, corrupt: Positions, where: str) -> None:
     same = (len(clean) == len(corrupt) and np.array_equal(clean.index, corrupt.index)
             and np.array_equal(clean.kind, corrupt.kind) and np.array_equal(clean.frame, corrupt.frame))
@@ -269,7 +263,7 @@ def trace_question(adapter: Adapter, q: Question, counterfactuals: list[str], si
                 donor = donor_cache[site][0]
                 for lo in range(0, len(slices), max_batch):
                     chunk = list(range(lo, min(lo + max_batch, len(slices))))
-                    batch = _without_pixels(base).repeat(len(chunk))
+                    batch = base.repeat(len(chunk))  # run_from skips the vision tower at LM sites
                     start = base_cache[site].expand(len(chunk), -1, -1)
                     patched = rows_setter(donor, [slice_rows_[j] for j in chunk])(start, site)
                     logits, _ = adapter.run_from(batch, site, patched)

@@ -162,16 +162,17 @@ def acoustic_bins(waves: Sequence[np.ndarray], sr: int, bins: RatingBins) -> np.
         w = np.asarray(waves[row], dtype=np.float32)
         if w.ndim != 1 or len(w) < n_fft:
             w = np.pad(w.reshape(-1), (0, max(0, n_fft - w.size)))
-        S = np.abs(librosa.stft(w, n_fft=n_fft, hop_length=hop, center=True)) ** 2
+        mag = np.abs(librosa.stft(w, n_fft=n_fft, hop_length=hop, center=True))
+        S = mag ** 2
         mel = librosa.feature.melspectrogram(S=S, sr=sr, n_mels=40)
         per_frame = np.stack([
-            10 * np.log10(np.maximum(librosa.feature.rms(S=np.sqrt(S), frame_length=n_fft)[0], 1e-10) ** 2),
-            librosa.feature.spectral_centroid(S=np.sqrt(S), sr=sr)[0],
-            librosa.feature.spectral_bandwidth(S=np.sqrt(S), sr=sr)[0],
-            librosa.feature.spectral_rolloff(S=np.sqrt(S), sr=sr, roll_percent=0.85)[0],
-            librosa.feature.spectral_flatness(S=np.sqrt(S))[0],
+            10 * np.log10(np.maximum(librosa.feature.rms(S=mag, frame_length=n_fft)[0], 1e-10) ** 2),
+            librosa.feature.spectral_centroid(S=mag, sr=sr)[0],
+            librosa.feature.spectral_bandwidth(S=mag, sr=sr)[0],
+            librosa.feature.spectral_rolloff(S=mag, sr=sr, roll_percent=0.85)[0],
+            librosa.feature.spectral_flatness(S=mag)[0],
             librosa.feature.zero_crossing_rate(w, frame_length=n_fft, hop_length=hop)[0][: S.shape[1]],
-            np.concatenate([[0.0], np.sqrt((np.diff(np.sqrt(S), axis=1).clip(0) ** 2).sum(0))]),
+            np.concatenate([[0.0], np.sqrt((np.diff(mag, axis=1).clip(0) ** 2).sum(0))]),
         ])
         mfcc = librosa.feature.mfcc(S=librosa.power_to_db(mel), n_mfcc=13)
         n = S.shape[1]
