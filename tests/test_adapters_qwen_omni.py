@@ -286,6 +286,81 @@ def test_talker_sites_over_a_speech_generation_and_their_positions(family, monke
         assert rate == 24000 / (2 * 2 * 2)  # code2wav's total upsampling of the tiny config
 
 
+SPEECH = {"max_answer_tokens": 4, "max_codes": 6, "min_codes": 6}  # 6 codes: 5 code rows, whatever the weights
+
+
+def speaking(family, monkeypatch, **settings):
+    """The tiny full model with short, fixed-length speech for extraction."""
+    adapter = tiny(family, monkeypatch, full=True)
+    adapter.generation_settings.update({**SPEECH, **settings})
+    return adapter
+
+
+@pytest.mark.parametrize("family", ["qwen3-omni", "qwen2.5-omni"])
+def test_stored_talker_sites_are_the_generation_runs_rows_and_thinker_sites_stay_the_prompt_forward(
+        family, monkeypatch, tmp_path):
+    """A store of Talker (and predictor) sites with Thinker and audio sites beside them: each clip's
+    speech rows are what `generate_speech` captures for the clip alone (test above: the towers' own
+    states), its positions `talker_positions` (prefix, then code rows at k / codec_rate), its pooled
+    mean the mean over the code rows; the Thinker and audio rows are those of a store without
+    speech sites (the prompt forward, batched), untouched by the generation run's own Thinker pass."""
+    from affectlens.steering.omni import generate_speech
+
+    adapter = speaking(family, monkeypatch)
+    data = clips()[:2]
+    speech_sites = tower_sites(adapter, "talker") + tower_sites(adapter, "predictor")
+    prompt_sites = ["audio.blocks.1.resid_post", "thinker.embed", "thinker.blocks.1.resid_post"]
+    both = extract_to_store(adapter, data, prompt_sites + speech_sites, tmp_path / "both")
+    alone = extract_to_store(adapter, data, prompt_sites, tmp_path / "alone")
+    with Store(both) as s, Store(alone) as ref:
+        assert set(s.sites) == set(prompt_sites + speech_sites)
+        for site in prompt_sites:
+            for clip in range(len(data)):
+                np.testing.assert_array_equal(s.clip_frames(site, clip), ref.clip_frames(site, clip), err_msg=site)
+            np.testing.assert_array_equal(s.pooled(site), ref.pooled(site))
+        for tower in ("thinker", "audio"):
+            for clip in range(len(data)):
+                np.testing.assert_array_equal(s.positions_of(tower, clip).time, ref.positions_of(tower, clip).time)
+        for clip, item in enumerate(data):
+            speech = generate_speech(adapter, item, capture=speech_sites, **SPEECH)  # decoded: the same rows
+            assert speech.wave is not None and len(speech.codes) == (6 if family == "qwen2.5-omni" else 5)
+            for tower, want in speech.positions.items():
+                got = s.positions_of(tower, clip)
+                assert got.kind.tolist() == want.kind.tolist() and got.token.tolist() == want.token.tolist()
+                np.testing.assert_array_equal(got.time, want.time)
+                np.testing.assert_array_equal(got.frame, want.frame)
+                assert len(got.select("code")) == 5 * (4 if tower == "predictor" else 1)
+            for site in speech_sites:
+                rows = speech.activations[site]
+                code = speech.positions[site.split(".")[0]].select("code")
+                np.testing.assert_array_equal(s.clip_frames(site, clip), rows, err_msg=site)
+                np.testing.assert_allclose(s.pooled(site)[clip], rows[code].mean(0), rtol=1e-6, atol=1e-7)
+                np.testing.assert_allclose(s.pooled(site)[clip], s.pooled(site, kind="code")[clip], rtol=1e-6,
+                                           atol=1e-7)
+                if site.startswith("talker"):  # the prefix is stored, but not pooled
+                    assert len(code) < len(rows)
+                    assert not np.allclose(s.pooled(site)[clip], rows.mean(0))
+
+
+def test_talker_extraction_follows_the_speech_settings_and_says_when_there_is_nothing_to_pool(
+        monkeypatch, tmp_path):
+    """The speech settings define the stored rows (and the store's config digest); a clip whose
+    Talker feeds back no code has no code rows, and the error names the clip and the key to raise."""
+    adapter = speaking("qwen2.5-omni", monkeypatch)
+    data = clips()[1:2]
+    first = extract_to_store(adapter, data, ["talker.embed"], tmp_path / "a")
+    adapter.generation_settings.update(max_codes=3, min_codes=3)
+    shorter = extract_to_store(adapter, data, ["talker.embed"], tmp_path / "b")
+    with Store(first) as a, Store(shorter) as b:
+        assert len(a.positions_of("talker", 0).select("code")) == 5
+        assert len(b.positions_of("talker", 0).select("code")) == 2
+        np.testing.assert_array_equal(b.clip_frames("talker.embed", 0), a.clip_frames("talker.embed", 0)[:-3])
+        assert a.attrs["config_digest"] != b.attrs["config_digest"]
+    adapter.generation_settings.update(max_codes=1, min_codes=0)
+    with pytest.raises(ValueError, match="clip clip0: the Talker wrote no codec frame.*speech_min_codes"):
+        extract_to_store(adapter, data, ["talker.embed"], tmp_path / "c")
+
+
 def test_codec_rates_of_the_released_configs():
     """Default (released) decoder configs: Qwen2.5-Omni 50 codes/s, Qwen3-Omni 12.5 frames/s."""
     from types import SimpleNamespace
@@ -321,9 +396,14 @@ def test_talker_towers_need_the_full_model_and_wrong_ones_say_why(monkeypatch, t
         with q25.hooks(capture=["talker.blocks.2.resid_post"]):
             pass
     assert not any(layer._forward_hooks or layer._forward_pre_hooks for layer in q25.talker_layers)
-    # extraction runs `forward` (the Thinker over the prompt), which never reaches the Talker: refused
-    with pytest.raises(ValueError, match="runs only while speech is generated"):
-        extract_to_store(q25, clips()[:1], ["thinker.embed", "talker.embed"], tmp_path)
+    # patching runs `forward` (the Thinker over the prompt), which never reaches the Talker: refused
+    batch = q25.prepare(clips()[:1])
+    with pytest.raises(ValueError, match="runs only while speech is generated.*cannot be patched"):
+        q25.run(batch, interventions={"talker.blocks.0.resid_post": lambda a, s: a})
+    with pytest.raises(ValueError, match="read by `forward`"):
+        q25.generated_rows(clips()[0], ["thinker.embed"])
+    with pytest.raises(ValueError, match="speech settings.*max_code"):
+        QwenOmniAdapter(q25.model, "x", family="qwen2.5-omni", processor=q25.processor, speech={"max_code": 3})
 
 
 @pytest.mark.parametrize("family", ["qwen3-omni", "qwen2.5-omni"])
@@ -349,6 +429,14 @@ def test_from_source_loads_the_full_model_only_when_talker_towers_are_asked_for(
     assert "talker" in load_adapter(family, "org/omni", towers=["thinker", "talker"]).n_blocks
     assert "talker" in qwen_omni.QwenOmniAdapter.from_source("org/omni", family=family, talker=True).n_blocks
     assert asked == [thinker_cls, thinker_cls, full_cls, full_cls]
+    assert qwen_omni.QwenOmniAdapter.from_source("org/omni", family=family).generation_settings == {
+        "speaker": None, "max_answer_tokens": 32, "max_codes": 512, "min_codes": 0}
+    voiced = qwen_omni.QwenOmniAdapter.from_source("org/omni", family=family, talker=True, speaker="Chelsie",
+                                                   speech_max_answer_tokens=8, speech_max_codes=100, speech_min_codes=2)
+    assert voiced.generation_settings == {"speaker": "Chelsie", "max_answer_tokens": 8, "max_codes": 100,
+                                          "min_codes": 2}
+    assert set(qwen_omni.QwenOmniAdapter.config_keys) == {"speaker", "speech_max_answer_tokens", "speech_max_codes",
+                                                          "speech_min_codes"}
     built[full_cls].model.has_talker = False
     with pytest.raises(ValueError, match="no Talker"):
         qwen_omni.QwenOmniAdapter.from_source("org/omni", family=family, towers=("talker",))

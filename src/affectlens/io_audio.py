@@ -1,4 +1,5 @@
-"""Writing audio the workflow can trust: 16-bit PCM WAV, written to a temporary name and renamed."""
+"""Audio in and out: resampling, and writing audio the workflow can trust (16-bit PCM WAV, written to a
+temporary name and renamed)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+
+
+def resample(wave: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
+    """float64 `wave` at `sr_out` (soxr, high quality; the wave itself when the rates agree)."""
+    if sr_in == sr_out:
+        return np.asarray(wave, dtype=np.float64)
+    import soxr
+
+    return soxr.resample(np.asarray(wave, dtype=np.float64), sr_in, sr_out, quality="HQ")
 
 
 def write_wav(path: str | Path, wave: np.ndarray, sr: int, peak_normalize: float | None = None) -> Path:

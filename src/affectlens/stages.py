@@ -168,7 +168,7 @@ def extract(manifest_path, model_cfg: dict, out_store, shard: str | None = None,
     adapter = _load(model_cfg["family"], model_cfg["source"], device=model_cfg.get("device", "auto"),
                     dtype=model_cfg.get("dtype", "float32"), revision=model_cfg.get("revision"),
                     device_map=model_cfg.get("device_map"),
-                    towers=list(dict.fromkeys(site.split(".", 1)[0] for site in model_cfg["sites"])))
+                    towers=list(dict.fromkeys(site.split(".", 1)[0] for site in model_cfg["sites"])), options=model_cfg)
     log.info("extracting clips %s of %d with %s (revision %s) on %s", clip_range or "all", len(manifest),
              adapter.model_id, adapter.revision, adapter.device)
     load_clip = clip_loader(adapter, decode_clip, text_column=model_cfg.get("text_column", "text"),
@@ -202,7 +202,12 @@ def patch(store_path, manifest_path, model_cfg: dict, contrast: dict, params: di
     embed = f"{next(iter(adapter.n_blocks))}.embed"
     noise_sigma = np.nan
     with Store(store_path) as store:
-        sites = [s for s in store.sites]
+        # a prompt forward never reaches towers read from a generation run (Qwen-Omni's Talker)
+        generated = set(getattr(adapter, "generated_towers", ()))
+        sites = [s for s in store.sites if s.split(".", 1)[0] not in generated]
+        if len(sites) < len(store.sites):
+            log.info("patching skips %s: read while speech is generated, not by the prompt forward",
+                     sorted(set(store.sites) - set(sites)))
         readout_site = model_cfg.get("readout_site") or sites[-1]
         probe = fit_readout(store, manifest, readout_site, label_column=label_column)
         if corruption == "noise":
@@ -444,6 +449,7 @@ def steer(store_path, manifest_path, model_cfg: dict, contrast: dict, params: di
     from affectlens.steering.evaluate import AcousticJudge, acoustic_feature_matrix, prosody
     from affectlens.steering.inversion import MelMapper, invert, round_trip_quality
     from affectlens.steering.vectors import add_vector, diff_of_means
+    from affectlens.steering.vocoder import load_vocoder
     from affectlens.steering.watermark import load_any, write_steered_audio
     from affectlens.store import Store
     try:
@@ -470,10 +476,19 @@ def steer(store_path, manifest_path, model_cfg: dict, contrast: dict, params: di
         frames = [store.clip_frames(site, r) for r in rows]
     labels = manifest[label_column].astype(str).to_numpy()
     speakers = manifest["speaker"].astype(str).to_numpy()
-    waves = [decode_clip(p) for p in manifest["path"]]
     sr = adapter.sample_rate
+    waves = [decode_clip(p, sr=sr) for p in manifest["path"]]
+    # residual filtering needs no vocoder; direct and vocoded inversion train the mapper in its mel format
+    vocoder = (None if params["inversion"] == "residual"
+               else load_vocoder(params["vocoder"], n_iter=params["griffin_lim_iter"], seed=params["seed"]))
+
+    def new_mapper() -> MelMapper:
+        if vocoder is None:
+            return MelMapper(seed=params["seed"])
+        return MelMapper.for_vocoder(vocoder, adapter.frame_rate, seed=params["seed"])
+
     # Computed once for all held-out speakers: mel targets of the mapper, features of the judge.
-    mel_targets = MelMapper(seed=params["seed"]).targets(frames, waves)
+    mel_targets = new_mapper().targets(frames, waves, sr=sr)
     acoustic = acoustic_feature_matrix(waves, sr, n_jobs=threads)
     chosen = choose_clips(manifest, label_column, src, params["n_clips"], params["seed"])
 
@@ -485,8 +500,7 @@ def steer(store_path, manifest_path, model_cfg: dict, contrast: dict, params: di
             pair = others[np.isin(labels[others], [src, tgt])]
             fitted[spk] = {
                 "vector": diff_of_means(X_site[others], labels[others], speakers[others], src, tgt),
-                "mapper": MelMapper(seed=params["seed"]).fit_targets([frames[j] for j in others],
-                                                                    [mel_targets[j] for j in others]),
+                "mapper": new_mapper().fit_targets([frames[j] for j in others], [mel_targets[j] for j in others]),
                 "probe": LinearProbe().fit(X_read[pair], labels[pair]),
                 "acoustic": AcousticJudge().fit_features(acoustic[pair], labels[pair]),
             }
@@ -496,15 +510,13 @@ def steer(store_path, manifest_path, model_cfg: dict, contrast: dict, params: di
         n = batch.n_frames[0]
         _, cache = adapter.run(batch, capture=[site])
         unsteered = cache[site][0, :n].float().cpu().numpy()
-        quality.append({"clip_id": clip_id, "speaker": spk,
-                        **round_trip_quality(f["mapper"], unsteered, waves[i], vocode=params["inversion"] == "direct",
-                                             n_iter=params["griffin_lim_iter"])})
+        quality.append({"clip_id": clip_id, "speaker": spk, "vocoder": vocoder.name if vocoder else "none",
+                        **round_trip_quality(f["mapper"], unsteered, waves[i], vocoder=vocoder, sr=sr)})
         outputs, mark_db = {"original": waves[i]}, {"original": np.nan}
         for alpha in params["alphas"]:
             _, cache = adapter.run(batch, capture=[site], interventions={site: add_vector(f["vector"], alpha)})
             steered = cache[site][0, :n].float().cpu().numpy()
-            wave = invert(f["mapper"], unsteered, steered, waves[i], mode=params["inversion"],
-                          n_iter=params["griffin_lim_iter"] if params["inversion"] == "direct" else None)
+            wave = invert(f["mapper"], unsteered, steered, waves[i], mode=params["inversion"], vocoder=vocoder, sr=sr)
             # every steered file carries the research label and the watermark; the judges below hear it too
             path = out_dir / "audio" / f"{clip_id}__alpha{alpha:g}.wav"
             mark_db[f"{alpha:g}"] = write_steered_audio(path, wave, sr, key=params.get("watermark_key", "affectlens"),
@@ -538,16 +550,19 @@ def steer(store_path, manifest_path, model_cfg: dict, contrast: dict, params: di
 
     with atomic_path(out_dir / "vector.npy") as tmp:
         np.save(tmp, diff_of_means(X_site, labels, speakers, src, tgt))
-    MelMapper(seed=params["seed"]).fit_targets(frames, mel_targets).save(out_dir / "mapper")
+    new_mapper().fit_targets(frames, mel_targets).save(out_dir / "mapper")
     write_json(out_dir / "vector.json", {"site": site, "model": adapter.model_id, "source": src, "target": tgt,
-                                         "method": "diff_of_means", "speakers": int(len(np.unique(speakers)))})
+                                         "method": "diff_of_means", "speakers": int(len(np.unique(speakers))),
+                                         "inversion": params["inversion"],
+                                         "vocoder": vocoder.name if vocoder else "none"})
     table = pd.DataFrame(records)
     write_tsv(table, out_dir / "evaluation.tsv")
     write_tsv(pd.DataFrame(quality), out_dir / "inversion_quality.tsv")
     summary = summarise_steering(table)
     write_tsv(summary, out_dir / "summary.tsv")
     plot_dose_response(summary, out_dir / "dose_response.png",
-                       title=f"{adapter.model_id} at {site}: {src} → {tgt} ({params['inversion']} inversion)")
+                       title=f"{adapter.model_id} at {site}: {src} → {tgt} ({params['inversion']} inversion"
+                             + (f", {vocoder.name})" if vocoder else ")"))
 
 
 def steer_music(store_path, manifest_path, model_cfg: dict, contrast: dict, params: dict, label_column: str,

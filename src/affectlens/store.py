@@ -10,7 +10,9 @@ Layout
                                            [tower_frame] where each stored position came from
                                            (models/positions.py); kind as uint8 codes into the
                                            attribute `kinds`
-    /sites/{site}/pooled [clip, d]         mean over the clip's real positions
+    /sites/{site}/pooled [clip, d]         mean over the clip's real positions (generated
+                                           towers: over the rows its adapter names, e.g.
+                                           Qwen-Omni Talker code rows)
     /sites/{site}/frames [tower_frame, d]  every real position (pooling is an analysis choice)
     attrs                model_id, revision, family, sample_rate, frame_rate, storage_dtype,
                          config_digest, versions (json), sites (json), towers (json),

@@ -29,11 +29,13 @@ ADAPTERS = {
 
 def load_adapter(family: str, source: str, device: str = "cpu", dtype: str = "float32",
                  revision: str | None = None, device_map: str | dict | None = None,
-                 towers: list[str] | tuple[str, ...] | None = None) -> Adapter:
+                 towers: list[str] | tuple[str, ...] | None = None, options: dict | None = None) -> Adapter:
     """The adapter of `family` with weights from `source` (a Hub id, a folder, or a named package).
     `device="auto"` picks a GPU when present; `device_map` ("auto" or a module -> device dict)
     spreads a model too large for one GPU over several (the device is then ignored). `towers`
-    names the towers wanted where a family makes some optional (Whisper's decoder)."""
+    names the towers wanted where a family makes some optional (Whisper's decoder). `options` (a
+    model's config entry) passes on the keys the family's adapter takes (its `config_keys`, e.g.
+    Qwen-Omni's speaker and speech_*); the others are ignored."""
     if family not in ADAPTERS:
         raise ValueError(f"model family {family!r} is unknown; the `family` key takes one of {sorted(ADAPTERS)}")
     from affectlens.models.loading import resolve_device
@@ -48,4 +50,5 @@ def load_adapter(family: str, source: str, device: str = "cpu", dtype: str = "fl
     optional = set(getattr(cls, "optional_towers", ())) & set(towers or ())
     if optional:
         kwargs["towers"] = tuple(dict.fromkeys([t for t in towers if t not in optional] + sorted(optional)))
+    kwargs.update({k: v for k, v in (options or {}).items() if k in getattr(cls, "config_keys", ())})
     return cls.from_source(source, **kwargs)

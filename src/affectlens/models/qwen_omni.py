@@ -32,17 +32,35 @@ their strings). The audio and vision encoders run on all real frames of the batc
 Qwen3-Omni adds its vision "deepstack" features to the Thinker's hidden state after its first
 blocks, outside the blocks: such a block's resid_post is before that addition.
 
-The Talker runs only while speech is generated (`affectlens.steering.omni.generate_speech`), after the
-Thinker has written its answer: `forward` runs the Thinker alone, so extraction into a store covers
-the audio, vision and thinker towers, and `talker_positions` says what each Talker position of a
-generation run is (a Thinker-conditioned prefix, then one position per codec frame with its time
-at the codec frame rate, `codec_rate`). `from_source` loads the Thinker alone (cheaper) unless
-`towers` names talker or predictor, or `talker=True`.
+The Talker runs only while speech is generated, after the Thinker has written its answer, so its
+sites are not read by `forward` (the Thinker over the prompt: patching and Thinker extraction) but
+by a generation run per clip. A clip's Talker activations (extraction into a store):
+
+    the rows the Talker (and Qwen3-Omni's code predictor) computes while it speaks the Thinker's
+    greedy answer to the clip under the model's prompt: `generate_speech` with the Thinker and the
+    Talker greedy, the voice `speaker` (None: the checkpoint's first), at most
+    `speech_max_answer_tokens` answer tokens and `speech_max_codes` codec steps (at least
+    `speech_min_codes`), no wave decoded. Every row is kept, in the order the hooks see them
+    (prefill, then one per step), and `talker_positions` says what each is: the prefix built from
+    the prompt and the answer's first token (Qwen2.5-Omni: the whole prompt; Qwen3-Omni: its user
+    turn, then 9 assistant rows; kinds audio/video/text, audio rows at their token times), then
+    one row per codec frame fed back (kind code, time k / `codec_rate`). The pooled mean is over
+    the code rows only: the states that write the speech ("how it speaks"), not the prefix, which
+    the Talker reads before its first code; every predictor row is a code row.
+    `Store.pooled(site, kind=...)` pools any other kind, and the stored rows are all there.
+
+Thinker, audio and vision sites of the same store stay the prompt forward (batched as for every
+family): the generation run captures only talker/predictor sites, so nothing it computes (the
+Thinker's prefill and answer included) reaches a Thinker-side site. Generation is per clip
+(batch of one); `generated_towers` tells extraction which towers are read this way
+(`generated_rows`). `from_source` loads the Thinker alone (cheaper) unless `towers` names talker
+or predictor, or `talker=True`.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -59,6 +77,8 @@ SPEECH_SAMPLE_RATE = 24000  # both families' codec decoders write 24 kHz speech 
 TALKER_TOWERS = ("talker", "predictor")
 AUDIO = "<|audio_start|><|audio_pad|><|audio_end|>"
 VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
+# the `generate_speech` arguments that define a clip's Talker activations (config keys speaker, speech_*)
+SPEECH_DEFAULTS = {"speaker": None, "max_answer_tokens": 32, "max_codes": 512, "min_codes": 0}
 
 
 def _classes(family: str):
@@ -92,15 +112,27 @@ def codec_rate(model: nn.Module) -> float:
     return SPEECH_SAMPLE_RATE / float(cfg.dit_config.repeats * np.prod(cfg.bigvgan_config.upsample_rates))
 
 
+@dataclass
+class GeneratedRows:
+    """One clip's activations at sites read from a generation run (not from `forward`)."""
+
+    frames: dict[str, np.ndarray]  # site -> [row, d] float32, every row the site's module computed
+    positions: dict[str, Positions]  # tower -> what each row is
+    pooled: dict[str, np.ndarray]  # site -> [d] float32: the mean over the code rows
+
+
 class QwenOmniAdapter(Adapter):
     families = ("qwen2.5-omni", "qwen3-omni")
     optional_towers = TALKER_TOWERS
+    generated_towers = TALKER_TOWERS  # extraction reads them with `generated_rows`, one clip at a time
+    # model config keys `from_source` takes
+    config_keys = ("speaker", "speech_max_answer_tokens", "speech_max_codes", "speech_min_codes")
     sample_rate = SAMPLE_RATE
     frame_rate = 50.0
     inputs = ("audio", "text")
 
     def __init__(self, model: nn.Module, model_id: str, revision: str = "", device: str | None = None, *,
-                 family: str = "qwen3-omni", processor=None):
+                 family: str = "qwen3-omni", processor=None, speech: dict | None = None):
         if family not in self.families:
             raise ValueError(f"Qwen-Omni family {family!r}: choose one of {self.families}")
         thinker = getattr(model, "thinker", model)  # the full model, or a Thinker alone
@@ -120,13 +152,21 @@ class QwenOmniAdapter(Adapter):
         predictor = getattr(self.talker, "code_predictor", None)
         self.predictor_layers = predictor.model.layers if predictor is not None else None
         self._speech_sites: list[str] = []  # talker/predictor sites of the hooks installed now
+        unknown = set(speech or {}) - set(SPEECH_DEFAULTS)
+        if unknown:
+            raise ValueError(f"speech settings {sorted(unknown)}: the settings are {sorted(SPEECH_DEFAULTS)}")
+        # `generate_speech` arguments of the run that defines a clip's Talker activations (recorded in
+        # the store's config digest, so a change redoes extraction)
+        self.generation_settings = {**SPEECH_DEFAULTS, **(speech or {})}
 
     @classmethod
     def from_source(cls, source: str, device: str = "cpu", dtype: str = "float32", revision: str | None = None,
                     device_map=None, family: str = "qwen3-omni", towers: tuple[str, ...] | None = None,
-                    talker: bool | None = None) -> "QwenOmniAdapter":
+                    talker: bool | None = None, speaker: str | None = None, speech_max_answer_tokens: int = 32,
+                    speech_max_codes: int = 512, speech_min_codes: int = 0) -> QwenOmniAdapter:
         """The Thinker alone (cheaper: no Talker, no codec decoder), or the full model when `towers`
-        names talker or predictor, or `talker=True` (e.g. to generate speech)."""
+        names talker or predictor, or `talker=True` (e.g. to generate speech). speaker and speech_*:
+        the generation run that defines a clip's Talker activations (module docstring)."""
         from transformers import AutoProcessor
 
         if family not in cls.families:
@@ -138,7 +178,10 @@ class QwenOmniAdapter(Adapter):
         if talker and not getattr(model, "has_talker", False):
             raise ValueError(f"{source}: this checkpoint has no Talker (its config sets enable_audio_output "
                              "false); use Thinker sites only, or a checkpoint with the Talker's weights")
-        return cls(model, source, rev, family=family, processor=load_processor(AutoProcessor, where, revision))
+        speech = {"speaker": speaker, "max_answer_tokens": speech_max_answer_tokens, "max_codes": speech_max_codes,
+                  "min_codes": speech_min_codes}
+        return cls(model, source, rev, family=family, processor=load_processor(AutoProcessor, where, revision),
+                   speech=speech)
 
     @property
     def n_blocks(self) -> dict[str, int]:
@@ -157,7 +200,8 @@ class QwenOmniAdapter(Adapter):
         if tower in TALKER_TOWERS and self.talker is None:
             return SiteError(f"site {site}: {self.model_id} is loaded as the Thinker alone; load the full model "
                              "(QwenOmniAdapter.from_source(..., talker=True), or list a talker/predictor site among "
-                             "the model's configured `sites`) for the Talker's towers")
+                             "the model's configured `sites`) for the Talker's towers, which are read while speech "
+                             "is generated (extraction, steering), never by a forward over the prompt (patching)")
         return SiteError(f"site {site}: {self.family} has the towers {sorted(self.n_blocks)}")
 
     @contextmanager
@@ -247,13 +291,39 @@ class QwenOmniAdapter(Adapter):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """The Thinker's next-token logits [clip, token, vocab]. The Talker does not run here (it
-        needs the Thinker's answer): its sites are read and steered during generation
-        (`affectlens.steering.omni`)."""
+        needs the Thinker's answer): its sites are read by `generated_rows` and steered during
+        generation (`affectlens.steering.omni`)."""
         if self._speech_sites:
             raise ValueError(f"{self.model_id}: the sites {self._speech_sites} belong to the Talker, which runs only "
                              "while speech is generated (affectlens.steering.omni.generate_speech), not in a forward "
-                             "over the prompt; remove them from the model's `sites` for extraction and patching")
+                             "over the prompt, so they cannot be patched: patch audio, vision or thinker sites "
+                             "(extraction reads Talker sites from a generation run per clip)")
         return self.thinker(**batch.inputs, use_cache=False).logits
+
+    def generated_rows(self, clip: dict, sites: list[str]) -> GeneratedRows:
+        """One clip's activations at talker/predictor `sites` as the module docstring defines them:
+        every row of the greedy spoken answer under `generation_settings`, what each row is, and
+        the means over the code rows."""
+        from affectlens.steering.omni import generate_speech  # (the generation loop)
+
+        wrong = [s for s in sites if s.split(".", 1)[0] not in self.generated_towers]
+        if wrong:
+            raise ValueError(f"generated_rows reads talker/predictor sites; {wrong} are read by `forward`")
+        speech = generate_speech(self, clip, capture=sites, decode=False, **self.generation_settings)
+        positions = {t: speech.positions[t] for t in dict.fromkeys(s.split(".", 1)[0] for s in sites)}
+        pooled = {}
+        for site in sites:
+            pos = positions[site.split(".", 1)[0]]
+            rows = speech.activations.get(site)
+            if rows is None or len(rows) != len(pos):
+                raise RuntimeError(f"{self.model_id}: {0 if rows is None else len(rows)} rows captured at {site}, "
+                                   f"but the generation run has {len(pos)} positions there")
+            code = pos.select("code")
+            if not len(code):
+                raise ValueError(f"the Talker wrote no codec frame it fed back ({len(speech.codes)} codes), so {site} "
+                                 "has no code rows to pool; raise the model's `speech_min_codes` (e.g. to 2)")
+            pooled[site] = rows[code].astype(np.float64).mean(0).astype(np.float32)
+        return GeneratedRows(speech.activations, positions, pooled)
 
 
 def _timed(times: np.ndarray, kind: str) -> Positions:

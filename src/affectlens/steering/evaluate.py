@@ -43,6 +43,23 @@ def pitch_track(wave: np.ndarray, sr: int, resolution: float = 0.1) -> tuple[np.
     return f0, voiced.astype(bool)
 
 
+def pitch_agreement(reference: np.ndarray, other: np.ndarray, sr: int) -> dict[str, float]:
+    """How closely `other` follows `reference`'s pitch contour, frame by frame (same length and
+    timing, e.g. a resynthesis): over frames voiced in both, the median absolute difference in
+    semitones and the fraction within one semitone; and the voicing agreement (frames voiced in
+    both or in neither). Medians of whole clips hide this: a vocoder that voices a breath moves the
+    clip's median f0 while every shared frame stays in tune."""
+    f0_a, v_a = pitch_track(reference, sr)
+    f0_b, v_b = pitch_track(other, sr)
+    n = min(len(f0_a), len(f0_b))
+    f0_a, v_a, f0_b, v_b = f0_a[:n], v_a[:n], f0_b[:n], v_b[:n]
+    both = v_a & v_b & np.isfinite(f0_a) & np.isfinite(f0_b)
+    st = np.abs(12 * np.log2(f0_b[both] / f0_a[both]))
+    return {"f0_frame_err_st": float(np.median(st)) if both.any() else float("nan"),
+            "f0_within_1st": float((st < 1).mean()) if both.any() else float("nan"),
+            "voicing_agreement": float((v_a == v_b).mean())}
+
+
 def _frame_rms_db(w: np.ndarray, sr: int) -> np.ndarray:
     hop = max(1, int(round(sr * _HOP_S)))
     rms = librosa.feature.rms(y=w, frame_length=4 * hop, hop_length=hop)[0]

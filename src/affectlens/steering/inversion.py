@@ -1,20 +1,24 @@
-"""Turn a site's (steered) activations back into sound: activations -> log-mel -> Griffin-Lim.
+"""Turn a site's (steered) activations back into sound: activations -> log-mel -> vocoder.
 
 The mapper is trained by the workflow on the corpus: per clip, the site's frames [frame, d] at the
-model's frame rate and the log-mel of the clip's own wave at `upsample` times that rate (Whisper:
-50 -> 100 frames/s, hop 160 at 16 kHz). Each activation frame, stacked with `context` neighbours on
-each side, predicts its `upsample` mel frames. Ridge regression in closed form is the default
-(deterministic, one pass, regularisation chosen on held-out clips); `kind="mlp"` trains a small
-torch MLP on the same inputs.
+model's frame rate and the log-mel of the clip's own wave on a grid of `upsample` times that rate
+(Whisper: 50 -> 100 frames/s). The mel is in the vocoder's format (`MelMapper.for_vocoder`): by
+default 16 kHz, hop 160, which is the grid itself; HiFi-GAN's 22.05 kHz, hop 256 (86.1 frames/s) is
+read at the grid's times by interpolation, and predictions go back to the vocoder's frames the
+same way. Each activation frame, stacked with `context` neighbours on each side, predicts its
+`upsample` grid frames. Ridge regression in closed form is the default (deterministic, one pass,
+regularisation chosen on held-out clips); `kind="mlp"` trains a small torch MLP on the same inputs.
 
-Two ways to hear a steered clip (`invert`): "direct" vocodes the mapper's prediction with
-Griffin-Lim; "residual" filters the clip's own wave by the predicted change of its log-mel,
-mapper(steered) - mapper(original), keeping its phase, so unsteered it is the clip itself. From
-deep sites a linear mapper recovers only the spectral envelope (no harmonics, so no pitch), which
-makes direct resynthesis breathy and unvoiced; residual keeps the voice and adds only the change
-(a change of envelope and level: filtering cannot move harmonics, so it cannot shift pitch).
+Three ways to hear a steered clip (`invert`): "residual" filters the clip's own wave by the
+predicted change of its log-mel, mapper(steered) - mapper(original), keeping its phase, so
+unsteered it is the clip itself (a change of envelope and level: filtering cannot move harmonics,
+so it cannot shift pitch); "vocoded" vocodes the clip's own mel plus that change (unsteered: the
+vocoder's resynthesis of the clip); "direct" vocodes the mapper's prediction. From deep sites a
+linear mapper recovers only the spectral envelope (no harmonics, so no pitch), which makes direct
+resynthesis breathy and unvoiced, with Griffin-Lim more than with a neural vocoder
+(steering/vocoder.py).
 
-Always report `round_trip_quality` of unsteered activations beside steering results: Griffin-Lim
+Always report `round_trip_quality` of unsteered activations beside steering results: the vocoder
 and the mapper lose detail on their own, and that loss is not a steering effect.
 """
 
@@ -33,8 +37,7 @@ import scipy.fft
 import torch
 from safetensors.numpy import load_file, save_file
 
-_LOG_FLOOR = 1e-5  # magnitude floor before the log (~ -100 dB re full scale)
-
+from affectlens.io_audio import resample
 
 @dataclass(frozen=True)
 class MelConfig:
@@ -52,6 +55,13 @@ class MelConfig:
     fmax: float = 8000.0
     power: float = 1.0
     """1: magnitude mel; 2: power mel."""
+    floor: float = 1e-5
+    """Magnitude floor before the log (1e-5 ~ -100 dB re full scale; power mels floor at its square)."""
+
+    @property
+    def frame_rate(self) -> float:
+        """Mel frames per second."""
+        return self.sr / self.hop_length
 
     def __post_init__(self):
         if self.fmax > self.sr / 2:
@@ -65,7 +75,7 @@ def log_mel(wave: np.ndarray, cfg: MelConfig = MelConfig()) -> np.ndarray:
     m = librosa.feature.melspectrogram(
         y=np.asarray(wave, dtype=np.float32), sr=cfg.sr, n_fft=cfg.n_fft, hop_length=cfg.hop_length,
         n_mels=cfg.n_mels, fmin=cfg.fmin, fmax=cfg.fmax, power=cfg.power)
-    return np.log(np.maximum(m, _LOG_FLOOR ** cfg.power)).T.astype(np.float32)
+    return np.log(np.maximum(m, cfg.floor ** cfg.power)).T.astype(np.float32)
 
 
 def griffin_lim(magnitude: np.ndarray, cfg: MelConfig = MelConfig(), n_iter: int = 64,
@@ -126,10 +136,30 @@ def apply_mel_change(wave: np.ndarray, delta: np.ndarray, cfg: MelConfig = MelCo
                        length=len(wave))
 
 
-def target_mel(wave: np.ndarray, n_frames: int, upsample: int, cfg: MelConfig) -> np.ndarray:
-    """The clip's log-mel cropped (or edge-padded) to upsample * n_frames mel frames."""
+def resample_frames(mel: np.ndarray, rate_in: float, rate_out: float, n_out: int) -> np.ndarray:
+    """[n_out, n_mels]: a frame sequence at `rate_in` frames/s (frame k at k / rate_in s) read at
+    k / rate_out s by linear interpolation (the edge frames beyond its ends)."""
+    pos = np.clip(np.arange(n_out) * (rate_in / rate_out), 0, len(mel) - 1)
+    lo = np.floor(pos).astype(int)
+    hi = np.minimum(lo + 1, len(mel) - 1)
+    frac = (pos - lo)[:, None].astype(np.float32)
+    return (mel[lo] * (1 - frac) + mel[hi] * frac).astype(np.float32)
+
+
+def target_mel(wave: np.ndarray, n_frames: int, upsample: int, cfg: MelConfig, sr: int | None = None,
+               grid_rate: float | None = None) -> np.ndarray:
+    """The clip's log-mel on the mapper's grid of upsample * n_frames frames.
+
+    sr: the wave's sample rate (default cfg.sr; otherwise it is resampled to cfg.sr first).
+    grid_rate: grid frames per second (default cfg's own frame rate: the mel is cropped or edge-
+    padded); a vocoder's mel at another rate (HiFi-GAN: 22050 / 256 = 86.1 /s against Whisper's
+    2 x 50 /s) is read at the grid's times by `resample_frames`."""
+    if sr is not None and sr != cfg.sr:
+        wave = resample(wave, sr, cfg.sr)
     m = log_mel(wave, cfg)
     want = upsample * n_frames
+    if grid_rate is not None and not np.isclose(grid_rate, cfg.frame_rate):
+        return resample_frames(m, cfg.frame_rate, grid_rate, want)
     if len(m) < want:
         m = np.concatenate([m, np.repeat(m[-1:], want - len(m), axis=0)])
     return m[:want]
@@ -156,7 +186,8 @@ class MelMapper:
 
     def __init__(self, kind: Literal["ridge", "mlp"] = "ridge", context: int = 2, upsample: int = 2,
                  n_fft: int = 1024, hop_length: int = 160, n_mels: int = 80, sr: int = 16000,
-                 fmin: float = 0.0, fmax: float = 8000.0, power: float = 1.0,
+                 fmin: float = 0.0, fmax: float = 8000.0, power: float = 1.0, floor: float = 1e-5,
+                 frame_rate: float | None = None,
                  alphas: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 10.0),
                  val_fraction: float = 0.15, hidden: int = 1024, epochs: int = 10, lr: float = 1e-3,
                  batch_size: int = 256, seed: int = 0):
@@ -170,6 +201,8 @@ class MelMapper:
         self.fmin = fmin
         self.fmax = fmax
         self.power = power
+        self.floor = floor
+        self.frame_rate = frame_rate
         self.alphas = tuple(alphas)
         self.val_fraction = val_fraction
         self.hidden = hidden
@@ -180,7 +213,7 @@ class MelMapper:
 
     # --- configuration --------------------------------------------------------------------
     _HYPER = ("kind", "context", "upsample", "n_fft", "hop_length", "n_mels", "sr", "fmin", "fmax",
-              "power", "alphas", "val_fraction", "hidden", "epochs", "lr", "batch_size", "seed")
+              "power", "floor", "frame_rate", "alphas", "val_fraction", "hidden", "epochs", "lr", "batch_size", "seed")
 
     def get_params(self) -> dict:
         return {k: getattr(self, k) for k in self._HYPER}
@@ -188,11 +221,34 @@ class MelMapper:
     @property
     def mel_config(self) -> MelConfig:
         return MelConfig(sr=self.sr, n_fft=self.n_fft, hop_length=self.hop_length, n_mels=self.n_mels,
-                         fmin=self.fmin, fmax=self.fmax, power=self.power)
+                         fmin=self.fmin, fmax=self.fmax, power=self.power, floor=self.floor)
+
+    @property
+    def grid_rate(self) -> float:
+        """Frames per second of what `predict` returns: upsample x the activations' frame rate
+        (`frame_rate`; None = the mel's own rate, sr / hop_length, split over `upsample`)."""
+        return self.sr / self.hop_length if self.frame_rate is None else self.upsample * self.frame_rate
+
+    @classmethod
+    def for_vocoder(cls, vocoder, frame_rate: float, **params) -> MelMapper:
+        """A mapper whose targets are in `vocoder`'s mel format, for activations at `frame_rate`."""
+        cfg = vocoder.mel_config
+        return cls(sr=cfg.sr, n_fft=cfg.n_fft, hop_length=cfg.hop_length, n_mels=cfg.n_mels, fmin=cfg.fmin,
+                   fmax=cfg.fmax, power=cfg.power, floor=cfg.floor, frame_rate=frame_rate, **params)
+
+    def vocoder_mel(self, grid_mel: np.ndarray) -> np.ndarray:
+        """A log-mel on the mapper's grid read at the mel format's own frames (for a vocoder)."""
+        cfg = self.mel_config
+        if np.isclose(self.grid_rate, cfg.frame_rate):
+            return grid_mel
+        n = max(1, round(len(grid_mel) / self.grid_rate * cfg.frame_rate))
+        return resample_frames(grid_mel, self.grid_rate, cfg.frame_rate, n)
 
     # --- fitting ------------------------------------------------------------------------------
-    def targets(self, frames_list: list[np.ndarray], waves_list: list[np.ndarray]) -> list[np.ndarray]:
-        """Per clip, [frame, upsample*n_mels]: the mel frames each activation frame predicts."""
+    def targets(self, frames_list: list[np.ndarray], waves_list: list[np.ndarray],
+                sr: int | None = None) -> list[np.ndarray]:
+        """Per clip, [frame, upsample*n_mels]: the mel frames each activation frame predicts, from
+        waves at `sr` (default the mapper's)."""
         if len(frames_list) != len(waves_list):
             raise ValueError(f"{len(frames_list)} activation clips but {len(waves_list)} waves")
         cfg = self.mel_config
@@ -200,18 +256,18 @@ class MelMapper:
         for i, (f, w) in enumerate(zip(frames_list, waves_list)):
             if f.ndim != 2 or len(f) == 0:
                 raise ValueError(f"clip {i}: activations must be [frame, d] with frames, got {f.shape}")
-            expected = len(w) / self.hop_length / self.upsample
+            expected = len(w) / (sr or self.sr) * self.grid_rate / self.upsample
             if abs(len(f) - expected) > 2 + 0.02 * expected:
                 raise ValueError(f"clip {i}: {len(f)} activation frames but the wave is {len(w)} samples "
-                                 f"(~{expected:.0f} frames at hop {self.hop_length} x {self.upsample}); "
+                                 f"(~{expected:.0f} frames at {self.grid_rate / self.upsample:g} frames/s); "
                                  "are frames and waves in the same clip order and rate?")
-            out.append(target_mel(w, len(f), self.upsample, cfg).reshape(len(f), -1))
+            out.append(target_mel(w, len(f), self.upsample, cfg, sr, self.grid_rate).reshape(len(f), -1))
         return out
 
-    def fit(self, frames_list: list[np.ndarray], waves_list: list[np.ndarray]) -> "MelMapper":
-        """Learn from clips: activations [frame, d] and the clip's wave at `sr`."""
+    def fit(self, frames_list: list[np.ndarray], waves_list: list[np.ndarray], sr: int | None = None) -> MelMapper:
+        """Learn from clips: activations [frame, d] and the clip's wave at `sr` (default the mapper's)."""
         frames_list = [np.asarray(f, dtype=np.float32) for f in frames_list]
-        return self.fit_targets(frames_list, self.targets(frames_list, waves_list))
+        return self.fit_targets(frames_list, self.targets(frames_list, waves_list, sr))
 
     def fit_targets(self, frames_list: list[np.ndarray], targets_list: list[np.ndarray]) -> "MelMapper":
         """Learn from activations and precomputed targets [frame, upsample*n_mels] (see `targets`)."""
@@ -352,9 +408,11 @@ class MelMapper:
                 y = self.mlp_(torch.from_numpy(x)).numpy()
         return y.reshape(len(frames) * self.upsample, self.n_mels)
 
-    def to_wave(self, frames: np.ndarray, n_iter: int = 64) -> np.ndarray:
-        """[frame, d] activations -> wave at `sr` (mapper + Griffin-Lim)."""
-        return mel_to_wave(self.predict(frames), self.mel_config, n_iter=n_iter)
+    def to_wave(self, frames: np.ndarray, vocoder=None, n_iter: int = 64) -> np.ndarray:
+        """[frame, d] activations -> wave at `sr` (the mapper, then `vocoder`, by default Griffin-Lim)."""
+        if vocoder is None:
+            return mel_to_wave(self.vocoder_mel(self.predict(frames)), self.mel_config, n_iter=n_iter)
+        return vocoder(self.vocoder_mel(self.predict(frames)))
 
     # --- persistence: cfg.json + weights.safetensors ----------------------------------------
     def save(self, directory: str | Path) -> None:
@@ -400,45 +458,81 @@ class MelMapper:
         return self
 
 
-InversionMode = Literal["residual", "direct"]
+InversionMode = Literal["residual", "direct", "vocoded"]
+INVERSION_MODES = ("residual", "direct", "vocoded")
+
+
+def _check_inputs(mapper: MelMapper, frames: np.ndarray, steered: np.ndarray, mode: str, vocoder=None) -> None:
+    if frames.shape != steered.shape:
+        raise ValueError(f"steered activations {steered.shape} differ in shape from the clip's {frames.shape}")
+    if mode not in INVERSION_MODES:
+        raise ValueError(f"inversion mode must be one of {INVERSION_MODES}, got {mode!r}")
+    if vocoder is not None and vocoder.mel_config != mapper.mel_config:
+        raise ValueError(f"the vocoder {vocoder.name} reads {vocoder.mel_config} but the mapper predicts "
+                         f"{mapper.mel_config}; train the mapper with MelMapper.for_vocoder(vocoder, frame_rate)")
 
 
 def steered_log_mel(mapper: MelMapper, frames: np.ndarray, steered: np.ndarray, wave: np.ndarray,
-                    mode: InversionMode = "residual") -> np.ndarray:
-    """Log-mel [upsample*frame, n_mels] of a clip whose activations `frames` became `steered`.
+                    mode: InversionMode = "residual", sr: int | None = None) -> np.ndarray:
+    """Log-mel on the mapper's grid [upsample*frame, n_mels] of a clip (wave at `sr`, default the
+    mapper's) whose activations `frames` became `steered`.
 
     direct: the mapper's prediction from the steered activations (what the mapper cannot
-    represent, e.g. harmonics from deep sites, is lost). residual: the clip's true log-mel plus
-    the change the mapper predicts, mapper(steered) - mapper(frames); unsteered it is the clip
-    itself. For a ridge mapper the change is linear in the edit: a constant vector added to every
-    frame becomes one fixed spectral-envelope change.
+    represent, e.g. harmonics from deep sites, is lost). residual and vocoded: the clip's true
+    log-mel plus the change the mapper predicts, mapper(steered) - mapper(frames); unsteered it is
+    the clip's own. For a ridge mapper the change is linear in the edit: a constant vector added to
+    every frame becomes one fixed spectral-envelope change.
     """
-    if frames.shape != steered.shape:
-        raise ValueError(f"steered activations {steered.shape} differ in shape from the clip's {frames.shape}")
+    _check_inputs(mapper, frames, steered, mode)
     if mode == "direct":
         return mapper.predict(steered)
-    if mode != "residual":
-        raise ValueError(f"inversion mode must be 'residual' or 'direct', got {mode!r}")
-    true = target_mel(wave, len(frames), mapper.upsample, mapper.mel_config)
+    true = target_mel(wave, len(frames), mapper.upsample, mapper.mel_config, sr, mapper.grid_rate)
     return true + (mapper.predict(steered) - mapper.predict(frames))
 
 
-def invert(mapper: MelMapper, frames: np.ndarray, steered: np.ndarray, wave: np.ndarray,
-           mode: InversionMode = "residual", n_iter: int | None = None) -> np.ndarray:
-    """Steered activations -> wave at mapper.sr.
+def _fit_length(wave: np.ndarray, n: int) -> np.ndarray:
+    return np.pad(wave[:n], (0, max(0, n - len(wave)))).astype(np.float32)
 
-    direct: Griffin-Lim of the mapper's prediction (`n_iter` default 64), upsample*frame*hop
-    samples. residual: the clip's wave filtered by the predicted mel change, keeping its own
-    phase (`apply_mel_change`, `n_iter` default 0), as long as `wave`; unsteered it is the clip.
+
+def invert(mapper: MelMapper, frames: np.ndarray, steered: np.ndarray, wave: np.ndarray,
+           mode: InversionMode = "residual", n_iter: int | None = None, vocoder=None,
+           sr: int | None = None) -> np.ndarray:
+    """Steered activations -> wave at `sr` (the clip's rate; default the mapper's).
+
+    direct: `vocoder` (default Griffin-Lim, `n_iter` 64) of the mapper's prediction, as long as the
+    activations last. residual: the clip filtered by the predicted mel change, keeping its own
+    phase (`apply_mel_change`, `n_iter` Griffin-Lim steps, default 0), as long as `wave`;
+    unsteered it is the clip. vocoded: `vocoder` of the clip's own mel plus the predicted change,
+    as long as `wave`; unsteered it is the vocoder's resynthesis of the clip, which a neural
+    vocoder renders with natural phase and, unlike filtering, can re-voice (the change may move
+    harmonics the mel resolves). The vocoder must read the mapper's mel format
+    (`MelMapper.for_vocoder`); waves at another rate are resampled to it and back.
     """
-    if frames.shape != steered.shape:
-        raise ValueError(f"steered activations {steered.shape} differ in shape from the clip's {frames.shape}")
+    _check_inputs(mapper, frames, steered, mode, vocoder)
+    cfg = mapper.mel_config
+    sr = sr or mapper.sr
     if mode == "direct":
-        return mel_to_wave(mapper.predict(steered), mapper.mel_config, n_iter=64 if n_iter is None else n_iter)
-    if mode != "residual":
-        raise ValueError(f"inversion mode must be 'residual' or 'direct', got {mode!r}")
-    delta = mapper.predict(steered) - mapper.predict(frames)
-    return apply_mel_change(wave, delta, mapper.mel_config, n_iter=0 if n_iter is None else n_iter)
+        vocoder = vocoder or _griffin_lim(cfg, 64 if n_iter is None else n_iter)
+        out = vocoder(mapper.vocoder_mel(mapper.predict(steered)))
+        n = round(len(frames) * mapper.upsample / mapper.grid_rate * sr)
+        return _fit_length(resample(out, cfg.sr, sr), n)
+    delta = mapper.vocoder_mel(mapper.predict(steered) - mapper.predict(frames))
+    own = resample(wave, sr, cfg.sr).astype(np.float32)
+    if mode == "residual":
+        out = apply_mel_change(own, delta, cfg, n_iter=0 if n_iter is None else n_iter)
+        return out if sr == cfg.sr else _fit_length(resample(out, cfg.sr, sr), len(wave))
+    true = log_mel(own, cfg)
+    change = np.zeros_like(true)
+    k = min(len(delta), len(true))
+    change[:k] = delta[:k]
+    vocoder = vocoder or _griffin_lim(cfg, 64 if n_iter is None else n_iter)
+    return _fit_length(resample(vocoder(true + change), cfg.sr, sr), len(wave))
+
+
+def _griffin_lim(cfg: MelConfig, n_iter: int):
+    from affectlens.steering.vocoder import GriffinLim
+
+    return GriffinLim(cfg, n_iter=n_iter)
 
 
 def _mlp(n_in: int, hidden: int, n_out: int) -> torch.nn.Sequential:
@@ -486,34 +580,42 @@ def mel_distances(log_mel_ref: np.ndarray, log_mel_est: np.ndarray, top_db: floa
     }
 
 
-def round_trip_quality(mapper: MelMapper, frames: np.ndarray, wave: np.ndarray, vocode: bool = True,
-                       n_iter: int = 64) -> dict[str, float]:
-    """How much the inversion itself loses for one clip, with no steering.
+def round_trip_quality(mapper: MelMapper, frames: np.ndarray, wave: np.ndarray, vocoder=None,
+                       sr: int | None = None) -> dict[str, float]:
+    """How much the inversion itself loses for one clip (wave at `sr`, default the mapper's), with
+    no steering.
 
     mapper_*: the clip's true log-mel vs the mapper's prediction from its activations.
-    With `vocode`: vocoder_* compares the true log-mel with that of Griffin-Lim applied to the
-    true mel (the vocoder alone), resynth_* with that of Griffin-Lim applied to the prediction
-    (the unsteered "direct" path); f0 mean and median (pYIN, NaN if nothing is voiced) of the
-    original and both resyntheses, and the relative error of the median (pYIN on Griffin-Lim
-    output makes octave errors that move the mean more). The unsteered "residual" path returns
-    the clip itself and needs no row. Compare steered clips with the unsteered clip taken through
-    the same path, not with the original.
+    With a `vocoder`: vocoder_* compares the true log-mel with that of the vocoder's output from the
+    true mel (the vocoder alone: the unsteered "vocoded" path), resynth_* with that of its output
+    from the prediction (the unsteered "direct" path); f0 mean and median (pYIN, NaN if nothing is
+    voiced) of the original and both, the relative error of the median (pYIN on Griffin-Lim output
+    makes octave errors that move the mean more), and the frame-wise `pitch_agreement` with the
+    original (semitone error on frames voiced in both, voicing agreement). The unsteered "residual" path returns the
+    clip itself and needs no row. Compare steered clips with the unsteered clip taken through the
+    same path, not with the original.
     """
-    from affectlens.steering.evaluate import prosody
+    from affectlens.steering.evaluate import pitch_agreement, prosody
 
     cfg = mapper.mel_config
-    true = target_mel(wave, len(frames), mapper.upsample, cfg)
+    sr = sr or mapper.sr
     pred = mapper.predict(frames)
-    out = {f"mapper_{k}": v for k, v in mel_distances(true, pred, power=cfg.power).items()}
-    if vocode:
-        wave = np.asarray(wave, dtype=np.float32)
-        p0 = prosody(wave, cfg.sr)
-        out |= {"f0_mean_hz": p0["f0_mean_hz"], "f0_median_hz": p0["f0_median_hz"]}
-        for name, mel in (("vocoder", true), ("resynth", pred)):
-            w = mel_to_wave(mel, cfg, n_iter=n_iter)
-            out |= {f"{name}_{k}": v for k, v in mel_distances(true, log_mel(w, cfg), power=cfg.power).items()}
-            p = prosody(w[:len(wave)], cfg.sr)
-            out[f"{name}_f0_mean_hz"] = p["f0_mean_hz"]
-            out[f"{name}_f0_median_hz"] = p["f0_median_hz"]
-            out[f"{name}_f0_rel_err"] = abs(p["f0_median_hz"] - p0["f0_median_hz"]) / p0["f0_median_hz"]
+    true_grid = target_mel(wave, len(frames), mapper.upsample, cfg, sr, mapper.grid_rate)
+    out = {f"mapper_{k}": v for k, v in mel_distances(true_grid, pred, power=cfg.power).items()}
+    if vocoder is None:
+        return out
+    _check_inputs(mapper, frames, frames, "direct", vocoder)
+    wave = np.asarray(wave, dtype=np.float32)
+    true = log_mel(resample(wave, sr, cfg.sr).astype(np.float32), cfg)
+    p0 = prosody(wave, sr)
+    out |= {"f0_mean_hz": p0["f0_mean_hz"], "f0_median_hz": p0["f0_median_hz"]}
+    for name, mel in (("vocoder", true), ("resynth", mapper.vocoder_mel(pred))):
+        w = vocoder(mel)
+        out |= {f"{name}_{k}": v for k, v in mel_distances(true, log_mel(w, cfg), power=cfg.power).items()}
+        w = _fit_length(resample(w, cfg.sr, sr), len(wave))
+        p = prosody(w, sr)
+        out |= {f"{name}_{k}": v for k, v in pitch_agreement(wave, w, sr).items()}
+        out[f"{name}_f0_mean_hz"] = p["f0_mean_hz"]
+        out[f"{name}_f0_median_hz"] = p["f0_median_hz"]
+        out[f"{name}_f0_rel_err"] = abs(p["f0_median_hz"] - p0["f0_median_hz"]) / p0["f0_median_hz"]
     return out

@@ -14,7 +14,9 @@ are removed when generation ends, also on error.
   (and Qwen3-Omni's predictor) sites and, as well, thinker sites (which change the answer and so the
   Talker's input). It returns the codec codes (Qwen2.5-Omni: one code per frame; Qwen3-Omni: Q
   codebooks per frame) and the decoded 24 kHz wave, and can capture sites over the whole run,
-  with `talker_positions` saying what each captured row is.
+  with `talker_positions` saying what each captured row is. With `decode=False` the run stops when
+  the Talker has written its codes (no wave): what extraction of Talker sites runs per clip
+  (`QwenOmniAdapter.generated_rows`).
 """
 
 from __future__ import annotations
@@ -118,15 +120,22 @@ def chrf(hypothesis: str, reference: str, max_n: int = 6, beta: float = 2.0) -> 
     return 0.0 if p + r == 0 else (1 + beta**2) * p * r / (beta**2 * p + r)
 
 
+class _SpeechWritten(Exception):
+    """Ends a generation run once the Talker has returned its codes (the wave is not wanted)."""
+
+
 @contextmanager
-def _record_call(module, name: str, into: dict):
-    """Replace module.name (a method) for the block by a wrapper that keeps its kwargs and result."""
+def _record_call(module, name: str, into: dict, stop: bool = False):
+    """Replace module.name (a method) for the block by a wrapper that keeps its kwargs and result;
+    with `stop`, the wrapper then raises `_SpeechWritten`, so nothing after the call runs."""
     original = getattr(module, name)
     shadowed = name in vars(module)  # already replaced on the instance (e.g. by a caller's recorder)
 
     def wrapper(*args, **kwargs):
         into["kwargs"] = kwargs
         into["result"] = original(*args, **kwargs)
+        if stop:
+            raise _SpeechWritten
         return into["result"]
 
     setattr(module, name, wrapper)
@@ -142,7 +151,7 @@ def _record_call(module, name: str, into: dict):
 @torch.inference_mode()
 def generate_speech(adapter: QwenOmniAdapter, clip: dict, interventions: dict[str, Intervention] | None = None,
                     capture: list[str] | tuple[str, ...] = (), speaker: str | None = None, max_answer_tokens: int = 32,
-                    max_codes: int = 512, min_codes: int = 0, seed: int = 0) -> Speech:
+                    max_codes: int = 512, min_codes: int = 0, seed: int = 0, decode: bool = True) -> Speech:
     """The full model's spoken answer to one clip, greedy in the Thinker and the Talker (and the
     code predictor), with `interventions` on any sites installed for the whole run, and `capture`d
     sites returned as every row the site's module computed, in order ([row, d]; rows as
@@ -151,7 +160,8 @@ def generate_speech(adapter: QwenOmniAdapter, clip: dict, interventions: dict[st
     speaker: a voice of the checkpoint (Qwen2.5-Omni: its spk_dict.pt, e.g. "Chelsie"; Qwen3-Omni:
     `talker_config.speaker_id`, e.g. "Ethan"); None takes the first. seed: Qwen2.5-Omni's DiT
     decodes from noise, drawn here from this seed (the caller's random state is left alone), so the
-    same codes give the same wave."""
+    same codes give the same wave. decode=False skips the codec decoder (`Speech.wave` is None);
+    answer, codes and captured rows are those of a decoded run."""
     model = adapter.model
     if adapter.talker is None:
         raise ValueError(f"{adapter.model_id} is loaded as the Thinker alone; load it with "
@@ -182,14 +192,21 @@ def generate_speech(adapter: QwenOmniAdapter, clip: dict, interventions: dict[st
         raise ValueError(f"speaker {speaker!r}: this checkpoint has the voices {voices}")
     rows: dict[str, list[torch.Tensor]] = {s: [] for s in capture}
 
-    def keep(act: torch.Tensor, site: str):
-        rows[site].append(act[0].float().cpu().clone())
+    def keep(act: torch.Tensor, site: str):  # kept on the model's device: one transfer per site at the end
+        rows[site].append(act[0].detach().to(torch.float32, copy=True))
 
+    thinker_call: dict = {}
     talker_call: dict = {}
-    with torch.random.fork_rng(devices=[]), _record_call(adapter.talker, "generate", talker_call), \
-            adapter.hooks(interventions, capture, reduce=keep):
-        torch.manual_seed(seed)
-        sequences, wave = model.generate(**batch.inputs, speaker=speaker, **kwargs)
+    wave = None
+    try:
+        with torch.random.fork_rng(devices=[]), _record_call(adapter.thinker, "generate", thinker_call), \
+                _record_call(adapter.talker, "generate", talker_call, stop=not decode), \
+                adapter.hooks(interventions, capture, reduce=keep):
+            torch.manual_seed(seed)
+            _, wave = model.generate(**batch.inputs, speaker=speaker, **kwargs)
+    except _SpeechWritten:
+        pass
+    sequences = thinker_call["result"].sequences
     answer = _answer(adapter, sequences[0, len(prompt_ids):])
     result = talker_call["result"]
     if adapter.family == "qwen2.5-omni":
@@ -210,4 +227,4 @@ def generate_speech(adapter: QwenOmniAdapter, clip: dict, interventions: dict[st
     wave = wave[0] if isinstance(wave, list) else wave
     return Speech(answer, codes, None if wave is None else wave.reshape(-1).float().cpu().numpy(),
                   SPEECH_SAMPLE_RATE, codec_rate(model),
-                  {s: torch.cat(r, 0).numpy() for s, r in rows.items() if r}, positions)
+                  {s: torch.cat(r, 0).cpu().numpy() for s, r in rows.items() if r}, positions)

@@ -17,10 +17,11 @@ SR = 16000
 
 def load_wave(path: str | Path, sr: int = SR) -> np.ndarray:
     """Mono float32 at `sr` from any file soundfile or FFmpeg reads."""
-    from affectlens.steering.watermark import _resample, load_any
+    from affectlens.io_audio import resample
+    from affectlens.steering.watermark import load_any
 
     w, file_sr = load_any(path)
-    return _resample(w, file_sr, sr).astype(np.float32)
+    return resample(w, file_sr, sr).astype(np.float32)
 
 
 def load_vector(path: str | Path, key: str | None = None) -> np.ndarray:
@@ -64,15 +65,18 @@ def reference_axis(adapter, site: str, ref_from: list[np.ndarray], ref_to: list[
     return (pooled(ref_to) - pooled(ref_from)).astype(np.float32)
 
 
-def fit_mapper_on_the_fly(adapter, site: str, waves: list[np.ndarray], seed: int = 0):
-    """A ridge MelMapper fit on just these clips (no corpus): usable, lower quality than a saved one."""
+def fit_mapper_on_the_fly(adapter, site: str, waves: list[np.ndarray], seed: int = 0, vocoder=None):
+    """A ridge MelMapper fit on just these clips (no corpus; in `vocoder`'s mel format when given):
+    usable, lower quality than a saved one."""
     from affectlens.steering.inversion import MelMapper
 
-    return MelMapper(seed=seed).fit([site_frames(adapter, w, site) for w in waves], waves)
+    mapper = (MelMapper(seed=seed) if vocoder is None
+              else MelMapper.for_vocoder(vocoder, adapter.frame_rate, seed=seed))
+    return mapper.fit([site_frames(adapter, w, site) for w in waves], waves, sr=adapter.sample_rate)
 
 
 def steer_wave(adapter, wave: np.ndarray, site: str, vector: np.ndarray, alpha: float, mapper,
-               mode: str = "residual", frames: tuple[int, int] | None = None) -> np.ndarray:
+               mode: str = "residual", frames: tuple[int, int] | None = None, vocoder=None) -> np.ndarray:
     """Add alpha * vector at `site` (only in activation frames [start, stop) when `frames` is given)
     and invert the steered activations to a wave at the adapter's rate."""
     from affectlens.steering.inversion import invert
@@ -80,4 +84,4 @@ def steer_wave(adapter, wave: np.ndarray, site: str, vector: np.ndarray, alpha: 
 
     unsteered = site_frames(adapter, wave, site)
     steered = site_frames(adapter, wave, site, add_vector(vector, alpha, frames=frames))
-    return invert(mapper, unsteered, steered, wave, mode=mode)
+    return invert(mapper, unsteered, steered, wave, mode=mode, vocoder=vocoder, sr=adapter.sample_rate)

@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 from scipy.special import ndtr
 
+from affectlens.io_audio import resample
+
 LABEL = "Edited for research — emotion changed"
 WM_SR = 16000
 BLOCK = 8192  # samples at WM_SR (0.51 s): the period of the tiled pattern and the lags searched
@@ -58,14 +60,6 @@ def key_block(key: str = DEFAULT_KEY) -> np.ndarray:
     return (b / np.sqrt(np.mean(b ** 2))).astype(np.float64)
 
 
-def _resample(wave: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
-    if sr_in == sr_out:
-        return np.asarray(wave, dtype=np.float64)
-    import soxr
-
-    return soxr.resample(np.asarray(wave, dtype=np.float64), sr_in, sr_out, quality="HQ")
-
-
 def _envelope(wave: np.ndarray) -> np.ndarray:
     """Smoothed RMS of the wave per 20 ms, interpolated to samples, floored 40 dB below its peak."""
     n = len(wave)
@@ -86,10 +80,10 @@ def embed(wave: np.ndarray, sr: int, key: str = DEFAULT_KEY, snr_db: float = DEF
         raise ValueError(f"watermark embed needs a non-empty mono wave, got shape {wave.shape}")
     if sr < 2 * BAND_HZ[1]:
         raise ValueError(f"sample rate {sr} Hz cannot carry the 1-4 kHz watermark; use >= 8 kHz")
-    w16 = _resample(wave, sr, WM_SR)
+    w16 = resample(wave, sr, WM_SR)
     block = key_block(key)
     mark = np.tile(block, int(np.ceil(len(w16) / BLOCK)))[:len(w16)] * _envelope(w16)
-    mark = _resample(mark, WM_SR, sr)[:len(wave)]
+    mark = resample(mark, WM_SR, sr)[:len(wave)]
     mark = np.pad(mark, (0, len(wave) - len(mark)))
     p_sig, p_mark = np.mean(wave ** 2), np.mean(mark ** 2)
     if p_sig == 0 or p_mark == 0:
@@ -176,7 +170,7 @@ def detect(wave: np.ndarray, sr: int, key: str = DEFAULT_KEY, threshold: float =
         wave = wave.mean(axis=1)
     if len(wave) == 0:
         raise ValueError("cannot check an empty wave for a watermark")
-    xc = _lag_correlation(_resample(wave, sr, WM_SR), key_block(key))
+    xc = _lag_correlation(resample(wave, sr, WM_SR), key_block(key))
     s = _score(xc)
     return Detection(score=s, threshold=threshold, detected=s >= threshold, lag=int(np.argmax(xc)),
                      false_alarm_probability=false_alarm_probability(threshold))
@@ -184,7 +178,7 @@ def detect(wave: np.ndarray, sr: int, key: str = DEFAULT_KEY, threshold: float =
 
 def null_scores(wave: np.ndarray, sr: int, n_keys: int = 200, seed: int = 0) -> np.ndarray:
     """Scores of the wave under `n_keys` random keys: the empirical null distribution for this file."""
-    w16 = _resample(np.asarray(wave, dtype=np.float64), sr, WM_SR)
+    w16 = resample(np.asarray(wave, dtype=np.float64), sr, WM_SR)
     rng = np.random.default_rng(seed)
     return np.array([_score(_lag_correlation(w16, key_block(f"null-{rng.integers(1 << 62)}")))
                      for _ in range(n_keys)])
@@ -283,7 +277,7 @@ def encode(wave: np.ndarray, sr: int, path: str | Path, codec: str, bitrate: int
     name = {"mp3": "libmp3lame", "opus": "libopus"}[codec]
     rate = sr
     if codec == "opus" and sr not in (48000, 24000, 16000, 12000, 8000):
-        wave, rate = _resample(wave, sr, 48000), 48000
+        wave, rate = resample(wave, sr, 48000), 48000
     x = np.asarray(wave, dtype=np.float32)[None]
     with av.open(str(path), "w") as c:
         if label:
