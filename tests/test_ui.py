@@ -51,6 +51,7 @@ def results(tmp_path) -> Path:
     for clip in ["spk1_s01_sad", "spk2_s02_sad"]:
         for a in ["0", "0.5", "-1", "10", "2"]:
             _touch(r, f"steer/demo/tiny/sad-to-happy/audio/{clip}__alpha{a}.wav", b"RIFF")
+        _touch(r, f"steer/demo/tiny/sad-to-happy/audio/{clip}__m-probe__alpha99.wav", b"RIFF")  # not the grid
     _touch(r, "decode/demo/audio/spk1_s01_sad.flac", b"fLaC")
     return r
 
@@ -276,9 +277,10 @@ def test_page_in_a_headless_browser(page, tmp_path):
     _wait(browser, lambda b: b.execute_script("return document.getElementById('audio-steered').readyState >= 1"),
           "the α = 2 audio to load")
 
-    # the evaluation numbers are this clip's rows of evaluation.tsv; the row of the current α is marked
+    # the evaluation numbers are this clip's rows of evaluation.tsv (the difference of means, whose audio
+    # the slider plays); the row of the current α is marked
     ev = pd.read_csv(steer / "evaluation.tsv", sep="\t", dtype={"output": str})
-    ev = ev[ev.clip_id == clip].set_index("output")
+    ev = ev[(ev.clip_id == clip) & ev.method.isin(["none", "diff_of_means"])].set_index("output")  # the slider's method
     table = browser.find_element(By.ID, "evaluation-table")
     header = [th.text for th in table.find_elements(By.CSS_SELECTOR, "thead th")]
     rows = {r.find_elements(By.TAG_NAME, "td")[0].text: r for r in table.find_elements(By.CSS_SELECTOR, "tbody tr")}

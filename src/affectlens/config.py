@@ -34,7 +34,12 @@ def check_config(config: dict) -> None:
                         if emotions and label not in emotions:
                             raise ConfigError(f"studies.{name}.contrasts[{i}] names label {label!r}, which dataset "
                                               f"{ds!r} does not have (datasets.{ds}.demo.emotions = {emotions})")
+    methods = config.get("steer", {}).get("methods", [])
     for name, m in config["models"].items():
+        if "sae" in methods and m.get("steer_site") and m["family"] != "musicgen" \
+                and m["steer_site"] not in m.get("sae_sites", []):
+            raise ConfigError(f"steer.methods lists sae, which edits features of an SAE at the steer site, but "
+                              f"models.{name}.sae_sites does not list its steer_site {m['steer_site']!r}")
         keys = [("sites", s) for s in m["sites"]]
         keys += [("sae_sites", s) for s in m.get("sae_sites", [])]
         keys += [(k, m[k]) for k in ("readout_site", "steer_site") if m.get(k)]

@@ -429,15 +429,24 @@ def _sae_fidelity(store, manifest, rows, labels, site, sae_model, model_cfg, par
 
 
 # --- steer --------------------------------------------------------------------------------------
-def steer(store_path, manifest_path, model_cfg: dict, contrast: dict, params: dict, label_column: str,
-          out_dir, threads: int = 1) -> None:
-    """Steer held-out speakers' `source` clips towards `target` at the model's steer site, invert
-    the steered activations to audio, and judge the audio with judges that never saw those speakers.
+def steered_wav_name(clip_id: str, method: str, alpha: float) -> str:
+    """audio/ file of a steered clip: {clip}__alpha{a}.wav for the difference of means (the
+    vector the CLI reuses), {clip}__m-{method}__alpha{a}.wav for the other methods."""
+    middle = "" if method == "diff_of_means" else f"__m-{method}"
+    return f"{clip_id}{middle}__alpha{alpha:g}.wav"
 
-    For each held-out speaker, everything learned (the difference-of-means vector, the
+
+def steer(store_path, manifest_path, model_cfg: dict, contrast: dict, params: dict, label_column: str,
+          out_dir, threads: int = 1, sae_dir=None) -> None:
+    """Steer held-out speakers' `source` clips towards `target` at the model's steer site with each
+    of `params["methods"]`, invert the steered activations to audio, and judge the audio with judges
+    that never saw those speakers.
+
+    For each held-out speaker, everything learned (each method's vector or SAE feature edits, the
     activation -> mel mapper, the model-probe judge and the acoustic judge) is fit on the other
-    speakers only. alpha = 0 goes through the same inversion path, so changes are read against it.
-    A generative music model (MusicGen) is steered during generation instead: `steer_music`."""
+    speakers only (the SAE in `sae_dir`, for method sae, is unsupervised and trained on the store).
+    alpha = 0 goes through the same inversion path, so changes are read against it. A generative
+    music model (MusicGen) is steered during generation instead: `steer_music`."""
     if model_cfg["family"] == "musicgen":
         return steer_music(store_path, manifest_path, model_cfg, contrast, params, label_column, out_dir)
     from tqdm import tqdm
@@ -448,7 +457,8 @@ def steer(store_path, manifest_path, model_cfg: dict, contrast: dict, params: di
     from affectlens.probes.sweep import align_manifest
     from affectlens.steering.evaluate import AcousticJudge, acoustic_feature_matrix, prosody
     from affectlens.steering.inversion import MelMapper, invert, round_trip_quality
-    from affectlens.steering.vectors import add_vector, diff_of_means
+    from affectlens.steering.methods import fit_steerer
+    from affectlens.steering.vectors import diff_of_means
     from affectlens.steering.vocoder import load_vocoder
     from affectlens.steering.watermark import load_any, write_steered_audio
     from affectlens.store import Store
@@ -476,6 +486,14 @@ def steer(store_path, manifest_path, model_cfg: dict, contrast: dict, params: di
         frames = [store.clip_frames(site, r) for r in rows]
     labels = manifest[label_column].astype(str).to_numpy()
     speakers = manifest["speaker"].astype(str).to_numpy()
+    methods = list(params["methods"])
+    pair_keys = manifest["pair_key"].astype(str).to_numpy() if "pair_key" in manifest.columns else None
+    if "pca" in methods and pair_keys is None:
+        log.warning("method pca left out: the manifest has no pair_key column to pair clips across emotions")
+        methods.remove("pca")
+    sae = latents = None
+    if "sae" in methods:
+        sae, latents = _steer_sae(sae_dir, site, frames)
     sr = adapter.sample_rate
     waves = [decode_clip(p, sr=sr) for p in manifest["path"]]
     # residual filtering needs no vocoder; direct and vocoded inversion train the mapper in its mel format
@@ -499,7 +517,11 @@ def steer(store_path, manifest_path, model_cfg: dict, contrast: dict, params: di
             others = np.flatnonzero(speakers != spk)
             pair = others[np.isin(labels[others], [src, tgt])]
             fitted[spk] = {
-                "vector": diff_of_means(X_site[others], labels[others], speakers[others], src, tgt),
+                "steerers": {m: fit_steerer(m, X_site[others], labels[others], speakers[others], src, tgt,
+                                            pair_keys=None if pair_keys is None else pair_keys[others], sae=sae,
+                                            latents=None if latents is None else latents[others],
+                                            k_features=params["sae_features"])[0]
+                             for m in methods},
                 "mapper": new_mapper().fit_targets([frames[j] for j in others], [mel_targets[j] for j in others]),
                 "probe": LinearProbe().fit(X_read[pair], labels[pair]),
                 "acoustic": AcousticJudge().fit_features(acoustic[pair], labels[pair]),
@@ -512,22 +534,26 @@ def steer(store_path, manifest_path, model_cfg: dict, contrast: dict, params: di
         unsteered = cache[site][0, :n].float().cpu().numpy()
         quality.append({"clip_id": clip_id, "speaker": spk, "vocoder": vocoder.name if vocoder else "none",
                         **round_trip_quality(f["mapper"], unsteered, waves[i], vocoder=vocoder, sr=sr)})
-        outputs, mark_db = {"original": waves[i]}, {"original": np.nan}
-        for alpha in params["alphas"]:
-            _, cache = adapter.run(batch, capture=[site], interventions={site: add_vector(f["vector"], alpha)})
-            steered = cache[site][0, :n].float().cpu().numpy()
-            wave = invert(f["mapper"], unsteered, steered, waves[i], mode=params["inversion"], vocoder=vocoder, sr=sr)
-            # every steered file carries the research label and the watermark; the judges below hear it too
-            path = out_dir / "audio" / f"{clip_id}__alpha{alpha:g}.wav"
-            mark_db[f"{alpha:g}"] = write_steered_audio(path, wave, sr, key=params.get("watermark_key", "affectlens"),
-                                                        snr_db=params.get("watermark_snr_db", "auto"))
-            outputs[f"{alpha:g}"] = load_any(path)[0]
+        outputs = {("none", "original"): waves[i]}
+        mark_db = {("none", "original"): np.nan}
+        for method, steerer in f["steerers"].items():
+            for alpha in params["alphas"]:
+                _, cache = adapter.run(batch, capture=[site], interventions={site: steerer(alpha)})
+                steered = cache[site][0, :n].float().cpu().numpy()
+                wave = invert(f["mapper"], unsteered, steered, waves[i], mode=params["inversion"], vocoder=vocoder,
+                              sr=sr)
+                # every steered file carries the research label and the watermark; the judges below hear it too
+                path = out_dir / "audio" / steered_wav_name(clip_id, method, alpha)
+                mark_db[method, f"{alpha:g}"] = write_steered_audio(
+                    path, wave, sr, key=params.get("watermark_key", "affectlens"),
+                    snr_db=params.get("watermark_snr_db", "auto"))
+                outputs[method, f"{alpha:g}"] = load_any(path)[0]
         # the words said: the dataset's own text where it has one (RAVDESS, CREMA-D, the demo), else
         # the ASR's transcript of the original (which can itself be wrong: a loop, a hallucination)
         text = manifest["text"].iloc[i] if "text" in manifest.columns else None
         has_text = isinstance(text, str) and text.strip() != ""
         reference = text.strip() if has_text else transcribe(asr, waves[i])
-        for kind, wave in outputs.items():
+        for (method, kind), wave in outputs.items():
             _, cache = adapter.run(adapter.prepare([wave]), capture=[readout_site])
             pooled = cache[readout_site][0, :adapter.frames_for(len(wave))].float().mean(0).cpu().numpy()[None]
             p_model = f["probe"].predict_proba(pooled)[0, list(f["probe"].classes_).index(tgt)]
@@ -535,13 +561,13 @@ def steer(store_path, manifest_path, model_cfg: dict, contrast: dict, params: di
             transcript = transcribe(asr, wave)
             similarity = speaker_similarity(waves[i], wave, sr) if speaker_similarity else np.nan
             records.append({
-                "clip_id": clip_id, "speaker": spk, "output": kind,
+                "clip_id": clip_id, "speaker": spk, "method": method, "output": kind,
                 "alpha": np.nan if kind == "original" else float(kind),
                 "p_target_model_probe": float(p_model), "p_target_acoustic": float(p_acoustic),
                 **prosody(wave, sr),
                 "wer_vs_original": word_error_rate(reference, transcript),
                 "speaker_similarity": similarity,  # resemblyzer cosine to the original: was the voice kept?
-                "watermark_snr_db": mark_db[kind],  # the level this file's watermark was embedded at
+                "watermark_snr_db": mark_db[method, kind],  # the level this file's watermark was embedded at
                 "transcript": transcript, "reference": reference,
                 "reference_source": "text" if has_text else "asr",
             })
@@ -554,7 +580,8 @@ def steer(store_path, manifest_path, model_cfg: dict, contrast: dict, params: di
     write_json(out_dir / "vector.json", {"site": site, "model": adapter.model_id, "source": src, "target": tgt,
                                          "method": "diff_of_means", "speakers": int(len(np.unique(speakers))),
                                          "inversion": params["inversion"],
-                                         "vocoder": vocoder.name if vocoder else "none"})
+                                         "vocoder": vocoder.name if vocoder else "none", "methods": methods,
+                                         "note": "vector.npy is the diff_of_means vector, fit on every speaker"})
     table = pd.DataFrame(records)
     write_tsv(table, out_dir / "evaluation.tsv")
     write_tsv(pd.DataFrame(quality), out_dir / "inversion_quality.tsv")
@@ -647,16 +674,35 @@ def word_error_rate(reference: str, hypothesis: str) -> float:
     return float(jiwer.wer(" ".join(ref), " ".join(hyp) if hyp else ""))
 
 
+def _steer_sae(sae_dir, site: str, frames: list[np.ndarray]):
+    """The SAE trained at the steer site and every clip's mean latents [clip, n_latents]."""
+    import torch
+
+    from affectlens.sae.registry import load_sae
+
+    if sae_dir is None:
+        raise ValueError(f"steer method sae needs an SAE at the steer site {site}: list it among the model's "
+                         "sae_sites (the workflow then trains it first)")
+    sae = load_sae(sae_dir)
+    with torch.no_grad():
+        latents = np.stack([sae.encode(torch.from_numpy(np.asarray(f, dtype=np.float32))).mean(0).numpy()
+                            for f in frames])
+    return sae, latents
+
+
 def summarise_steering(table: pd.DataFrame) -> pd.DataFrame:
-    """Per output (original, each alpha): means over clips, and changes against alpha = 0, which
-    went through the same inversion path (so inversion artefacts are not read as steering)."""
+    """Per method and output (original, each alpha): means over clips, and changes against the
+    method's lowest alpha (0), which went through the same inversion path (so inversion artefacts
+    are not read as steering); the original's against the first method's."""
     cols = ["p_target_model_probe", "p_target_acoustic", "f0_mean_hz", "f0_range_st", "active_rms_db",
             "wer_vs_original", "speaker_similarity", "watermark_snr_db"]
     steered = table[table.output != "original"]
-    base = steered[steered.alpha == steered.alpha.min()].set_index("clip_id")
+    first = steered["method"].iloc[0]
     rows = []
-    for kind, g in table.groupby("output", sort=False):
-        row = {"output": kind, "alpha": g["alpha"].iloc[0], "n_clips": len(g)}
+    for (method, kind), g in table.groupby(["method", "output"], sort=False):
+        mine = steered[steered.method == (first if kind == "original" else method)]
+        base = mine[mine.alpha == mine.alpha.min()].set_index("clip_id")
+        row = {"method": method, "output": kind, "alpha": g["alpha"].iloc[0], "n_clips": len(g)}
         row |= {c: float(g[c].mean()) for c in cols}
         g = g.set_index("clip_id")
         row["f0_change_st"] = float(np.nanmean(12 * np.log2(g["f0_mean_hz"] / base.loc[g.index, "f0_mean_hz"])))

@@ -97,6 +97,14 @@ def model_cfg(wildcards):
     return config["models"][wildcards.model]
 
 
+def steer_inputs(wildcards):
+    """The SAE at the steer site, for the steering method `sae` (config.py checks it is trained)."""
+    m = config["models"][wildcards.model]
+    if "sae" in config["steer"]["methods"] and m["family"] != "musicgen":
+        return {"sae": f"results/sae/{wildcards.dataset}/{wildcards.model}/{m['steer_site']}"}
+    return {}
+
+
 def contrast_of(wildcards):
     source, target = wildcards.contrast.split("-to-")
     return {"source": source, "target": target}

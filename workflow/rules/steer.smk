@@ -1,5 +1,6 @@
 rule steer:
     input:
+        unpack(steer_inputs),
         store=rules.extract.output.store,
         manifest=rules.decode.output.manifest,
     output:

@@ -5,4 +5,5 @@ from affectlens import stages  # noqa: E402
 
 with stages.logged(snakemake.log[0], snakemake.threads):
     stages.steer(snakemake.input.store, snakemake.input.manifest, snakemake.params.model, snakemake.params.contrast,
-                 snakemake.params.steer, snakemake.params.label_column, snakemake.output[0], threads=snakemake.threads)
+                 snakemake.params.steer, snakemake.params.label_column, snakemake.output[0], threads=snakemake.threads,
+                 sae_dir=getattr(snakemake.input, "sae", None))

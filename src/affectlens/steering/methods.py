@@ -105,3 +105,40 @@ def window_frames(start_s: float, stop_s: float, frame_rate: float) -> tuple[int
     if not 0 <= start_s < stop_s:
         raise ValueError(f"time window [{start_s}, {stop_s}) s must satisfy 0 <= start < stop")
     return int(np.floor(start_s * frame_rate)), max(int(np.ceil(stop_s * frame_rate)), int(np.floor(start_s * frame_rate)) + 1)
+
+
+METHODS = ("diff_of_means", "probe", "pca", "sae")
+
+
+def fit_steerer(method: str, X: np.ndarray, labels, speakers, source: str, target: str, pair_keys=None,
+                sae=None, latents: np.ndarray | None = None, k_features: int = 4):
+    """(alpha -> Intervention, what was fit) for one steering method, fit on pooled site
+    activations X [clip, d] of labelled clips (the workflow passes the other speakers' clips).
+
+    diff_of_means: per-speaker averaged difference of means; probe: `probe_vector`; pca:
+    `pca_vector` of paired differences (needs `pair_keys`); sae: `concept_edits` of the SAE's
+    pooled `latents` [clip, n_latents] (k_features clamped on, k_features zeroed) applied by
+    `sae_edit`."""
+    from affectlens.steering.vectors import add_vector, diff_of_means
+
+    if method == "sae":
+        from affectlens.steering.sae_edit import concept_edits, sae_edit
+
+        if sae is None or latents is None:
+            raise ValueError("method sae needs an SAE at the steer site (list the steer_site among the model's "
+                             "sae_sites) and its pooled latents")
+        edits = concept_edits(latents, labels, source, target, k=k_features)
+        return (lambda alpha: sae_edit(sae, edits, alpha)), {
+            "features_on": [e.feature for e in edits if e.op == "clamp"],
+            "features_off": [e.feature for e in edits if e.op == "zero"]}
+    if method == "diff_of_means":
+        v = diff_of_means(X, labels, speakers, source, target)
+    elif method == "probe":
+        v = probe_vector(X, labels, source, target)
+    elif method == "pca":
+        if pair_keys is None:
+            raise ValueError("method pca needs the manifest's pair_key column (clips paired across emotions)")
+        v = pca_vector(X, labels, pair_keys, source, target)
+    else:
+        raise ValueError(f"steering method {method!r}: choose from {METHODS}")
+    return (lambda alpha: add_vector(v, alpha)), {"vector_norm": float(np.linalg.norm(v))}

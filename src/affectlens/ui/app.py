@@ -191,6 +191,8 @@ def create_app(root: str | Path):
         rows = []
         if ev is not None and "clip_id" in ev:
             ev = ev[ev["clip_id"].astype(str) == clip]
+            if "method" in ev:  # the slider's audio is the difference of means (other methods: the report)
+                ev = ev[ev["method"].isin(["none", "diff_of_means"])]
             rows = table(ev[[c for c in EVAL_COLUMNS if c in ev]], "evaluation-table", {"output": alpha})
         return (file_url(steer["originals"].get(clip)), file_url(steer["clips"][clip].get(alpha)), alpha,
                 f"steered, α = {alpha}", rows)

@@ -19,7 +19,8 @@ import re
 from pathlib import Path
 
 NO_STUDY = "(no study)"
-_ALPHA = re.compile(r"^(?P<clip>.+)__alpha(?P<alpha>[-+0-9.eE]+|nan|inf)\.wav$")
+# {clip}__alpha{a}.wav (difference of means) or {clip}__m-{method}__alpha{a}.wav (other methods)
+_ALPHA = re.compile(r"^(?P<clip>.+?)(?:__m-(?P<method>[a-z_]+))?__alpha(?P<alpha>[-+0-9.eE]+|nan|inf)\.wav$")
 _CONTRAST = re.compile(r"^[A-Za-z0-9_]+-to-[A-Za-z0-9_]+$")
 PROBE_FIGURES = ["layer_curve", "time_curve", "confusion", "projection"]  # shown in this order, others after
 AUDIO_SUFFIXES = (".flac", ".wav", ".mp3", ".ogg")
@@ -34,12 +35,13 @@ def _subdirs(folder: Path) -> list[Path]:
 
 
 def alpha_grid(audio_dir: Path) -> tuple[list[str], dict[str, dict[str, Path]]]:
-    """(α labels sorted by value, {clip: {α label: wav}}) of a steer folder's audio/. The labels are
-    spelled as in the file names (`f"{alpha:g}"`), so they round-trip to the files."""
+    """(α labels sorted by value, {clip: {α label: wav}}) of a steer folder's audio/, for the
+    difference-of-means method (the page's slider; the other methods' files are in the report). The
+    labels are spelled as in the file names (`f"{alpha:g}"`), so they round-trip to the files."""
     clips: dict[str, dict[str, Path]] = {}
     for wav in sorted(audio_dir.glob("*.wav")) if audio_dir.is_dir() else []:
         m = _ALPHA.match(wav.name)
-        if m:
+        if m and not m["method"]:
             clips.setdefault(m["clip"], {})[m["alpha"]] = wav
     labels = sorted({a for per in clips.values() for a in per}, key=float)
     return labels, clips

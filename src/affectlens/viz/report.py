@@ -46,6 +46,8 @@ def steer_listen_page(steer_dir, decode_manifest, out_html, title: str | None = 
     """Write out_html: per steered clip, the original (decoded) audio and the steered audio of
     every alpha, each with the judges' numbers from evaluation.tsv; the run's summary.tsv on top.
     Returns the number of players on the page."""
+    from affectlens.stages import steered_wav_name
+
     steer_dir = Path(steer_dir)
     ev = pd.read_csv(steer_dir / "evaluation.tsv", sep="\t", dtype={"output": str})
     summary = pd.read_csv(steer_dir / "summary.tsv", sep="\t", dtype={"output": str})
@@ -72,10 +74,11 @@ def steer_listen_page(steer_dir, decode_manifest, out_html, title: str | None = 
             if r["output"] == "original":
                 path = Path(str(manifest.loc[str(clip_id), "path"]))
             else:
-                path = steer_dir / "audio" / f"{clip_id}__alpha{float(r['alpha']):g}.wav"
+                method = r.get("method", "diff_of_means")
+                path = steer_dir / "audio" / steered_wav_name(str(clip_id), method, float(r["alpha"]))
             player = audio_tag(path) if path.exists() else f"<em>missing: {html.escape(str(path))}</em>"
             n_players += path.exists()
-            label = "original" if r["output"] == "original" else f"α = {float(r['alpha']):g}"
+            label = "original" if r["output"] == "original" else f"{r.get('method', '')} α = {float(r['alpha']):g}"
             parts.append(f"<tr><td>{label}</td><td>{player}</td>"
                          + "".join(f"<td>{_fmt(r[c])}</td>" for c in cols)
                          + f"<td>{html.escape(str(r.get('transcript', '')))}</td></tr>")

@@ -14,26 +14,28 @@ from affectlens.io import atomic_path  # noqa: E402
 
 
 def plot_dose_response(summary: pd.DataFrame, path: str | Path, title: str = "") -> Path:
-    """Three panels over alpha: judged probability of the target label (model probe and acoustic
-    judge, with the original clips as dotted lines), pitch and level change, word error rate."""
+    """Three panels over alpha, one colour per steering method: judged probability of the target
+    label (solid: the acoustic judge, dashed: the model probe; dotted: the original clips), pitch
+    (solid) and level (dashed) change, word error rate."""
+    summary = summary if "method" in summary else summary.assign(method="diff_of_means")
     steered = summary[summary.output != "original"].sort_values("alpha")
     original = summary[summary.output == "original"].iloc[0]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), constrained_layout=True)
-    ax = axes[0]
-    for col, name, color in (("p_target_model_probe", "model probe", "C0"), ("p_target_acoustic", "acoustic judge", "C1")):
-        ax.plot(steered.alpha, steered[col], "o-", color=color, label=name)
-        ax.axhline(original[col], color=color, ls=":", lw=1)
-    ax.set(xlabel="alpha", ylabel="P(target)", ylim=(-0.02, 1.02), title="target shift (dotted: original audio)")
-    ax.legend(fontsize=8)
-    ax = axes[1]
-    ax.plot(steered.alpha, steered.f0_change_st, "o-", label="F0 change (semitones)")
-    ax.plot(steered.alpha, steered.rms_change_db, "s-", label="level change (dB)")
-    ax.axhline(0, color="grey", lw=0.8)
-    ax.set(xlabel="alpha", title="prosody vs original")
-    ax.legend(fontsize=8)
-    ax = axes[2]
-    ax.plot(steered.alpha, steered.wer_vs_original, "o-", color="C3")
-    ax.set(xlabel="alpha", ylabel="WER", title="content kept (WER vs original transcript)")
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), constrained_layout=True)
+    for i, (method, g) in enumerate(steered.groupby("method", sort=False)):
+        c = f"C{i}"
+        axes[0].plot(g.alpha, g.p_target_acoustic, "o-", color=c, label=f"{method}: acoustic judge")
+        axes[0].plot(g.alpha, g.p_target_model_probe, "s--", color=c, label=f"{method}: model probe")
+        axes[1].plot(g.alpha, g.f0_change_st, "o-", color=c, label=f"{method}: F0 (st)")
+        axes[1].plot(g.alpha, g.rms_change_db, "s--", color=c, label=f"{method}: level (dB)")
+        axes[2].plot(g.alpha, g.wer_vs_original, "o-", color=c, label=method)
+    for col, ls in (("p_target_acoustic", ":"), ("p_target_model_probe", "-.")):
+        axes[0].axhline(original[col], color="grey", ls=ls, lw=1)
+    axes[0].set(xlabel="alpha", ylabel="P(target)", ylim=(-0.02, 1.02), title="target shift (grey: original audio)")
+    axes[1].axhline(0, color="grey", lw=0.8)
+    axes[1].set(xlabel="alpha", title="prosody vs alpha = 0")
+    axes[2].set(xlabel="alpha", ylabel="WER", title="content kept (WER vs original transcript)")
+    for ax in axes:
+        ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120)
