@@ -199,6 +199,10 @@ def _check(cfg):
     (lambda c: c["studies"]["s"]["contrasts"].append({"source": "sad", "target": "elated"}), "ConfigError",
      r"studies\.s\.contrasts\[1\] names label 'elated', which dataset 'demo' does not have"),
     (lambda c: c["studies"]["s"].update(models=["nope"]), "ConfigError", r"studies\.s\.models names 'nope'"),
+    (lambda c: (c["steer"].update(methods=["sae"]), c["models"]["m"].update(steer_site="encoder.blocks.0.resid_post")),
+     "ConfigError", r"steer\.methods lists sae.*models\.m\.sae_sites does not list its steer_site"),
+    (lambda c: c["steer"].update(methods=["diff_of_means", "mean"]), "WorkflowError",
+     r"(?s)'mean' is not one of.*\['steer'\]\['methods'\]"),
     (lambda c: c["studies"]["s"].update(datasets=[]), "WorkflowError", r"\[\] should be non-empty"),
     (lambda c: c.update(studies={}), "WorkflowError", r"\{\} should be non-empty"),
 ])
