@@ -104,6 +104,29 @@ def test_steer_vocoded_through_the_neural_vocoder(tiny, refs, tmp_path, capsys):
     assert_marked(out, sf.info(str(refs["voice"])).frames)
 
 
+def test_steer_several_sites_in_one_pass(tiny, refs, tmp_path, capsys):
+    """Two sites steered together, heard from the deeper one; zero vectors change nothing."""
+    from affectlens.steering.oneclip import fit_mapper_on_the_fly, inversion_site, load_wave, steer_wave
+
+    sites = ["encoder.embed", SITE]
+    assert inversion_site(sites) == SITE and inversion_site(["encoder.blocks.0.mlp_out", "encoder.blocks.0.resid_post"]) \
+        == "encoder.blocks.0.resid_post"
+    out = tmp_path / "two.wav"
+    code = main(["steer", "--input", str(refs["voice"]), "--model", "tiny-random", "--site", *sites,
+                 "--ref-from", str(refs["calm"]), "--ref-to", str(refs["angry"]), "--alpha", "2", "--output", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert f"heard from {SITE}" in capsys.readouterr().out
+    assert_marked(out, sf.info(str(refs["voice"])).frames)
+    voice = load_wave(refs["voice"])
+    mapper = fit_mapper_on_the_fly(tiny, SITE, [voice])
+    d = {s: tiny.run(tiny.prepare([voice]), capture=[s])[1][s].shape[-1] for s in sites}
+    same = steer_wave(tiny, voice, sites, [np.zeros(d[s], np.float32) for s in sites], 2.0, mapper)
+    np.testing.assert_allclose(same, voice, atol=1e-5)
+    assert main(["steer", "--input", str(refs["voice"]), "--model", "tiny-random", "--site", *sites,
+                 "--vector", str(tmp_path / "a.npy"), "--output", str(tmp_path / "x.wav")]) == 2
+    assert "one vector per site" in capsys.readouterr().err
+
+
 def test_steer_with_a_saved_vector_and_mapper_on_a_time_window(tiny, refs, tmp_path, capsys):
     from affectlens.steering.oneclip import fit_mapper_on_the_fly, load_wave, reference_axis
 

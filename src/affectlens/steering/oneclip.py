@@ -75,13 +75,37 @@ def fit_mapper_on_the_fly(adapter, site: str, waves: list[np.ndarray], seed: int
     return mapper.fit([site_frames(adapter, w, site) for w in waves], waves, sr=adapter.sample_rate)
 
 
-def steer_wave(adapter, wave: np.ndarray, site: str, vector: np.ndarray, alpha: float, mapper,
+def inversion_site(sites: list[str]) -> str:
+    """The site a multi-site edit is heard from: the deepest one (its activations carry the effect of
+    every edit upstream of it), resid_post first within a block."""
+    from affectlens.models.sites import parse_site
+
+    parsed = {s: parse_site(s) for s in sites}
+    towers = {p.tower for p in parsed.values()}
+    if len(towers) > 1:
+        raise ValueError(f"steering several sites needs them in one tower (got {sorted(towers)}): the edit is "
+                         "heard from the deepest")
+    return max(sites, key=lambda s: (parsed[s].depth, parsed[s].point == "resid_post"))
+
+
+def steer_wave(adapter, wave: np.ndarray, site: str | list[str], vector, alpha: float, mapper,
                mode: str = "residual", frames: tuple[int, int] | None = None, vocoder=None) -> np.ndarray:
     """Add alpha * vector at `site` (only in activation frames [start, stop) when `frames` is given)
-    and invert the steered activations to a wave at the adapter's rate."""
+    and invert the steered activations to a wave at the adapter's rate. Several sites: `site` and
+    `vector` are lists, one vector per site, all applied in one forward pass, and the mapper reads
+    the deepest of them (`inversion_site`)."""
     from affectlens.steering.inversion import invert
     from affectlens.steering.vectors import add_vector
 
-    unsteered = site_frames(adapter, wave, site)
-    steered = site_frames(adapter, wave, site, add_vector(vector, alpha, frames=frames))
+    sites = [site] if isinstance(site, str) else list(site)
+    vectors = [vector] if isinstance(site, str) else list(vector)
+    if len(vectors) != len(sites):
+        raise ValueError(f"{len(sites)} sites but {len(vectors)} steering vectors: give one vector per site")
+    read = inversion_site(sites)
+    batch = adapter.prepare([wave])
+    n = batch.n_frames[0]
+    _, clean = adapter.run(batch, capture=[read])
+    edits = {s: add_vector(v, alpha, frames=frames) for s, v in zip(sites, vectors)}
+    _, steered = adapter.run(batch, capture=[read], interventions=edits)
+    unsteered, steered = (c[read][0, :n].float().cpu().numpy() for c in (clean, steered))
     return invert(mapper, unsteered, steered, wave, mode=mode, vocoder=vocoder, sr=adapter.sample_rate)
