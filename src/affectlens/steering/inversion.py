@@ -408,12 +408,6 @@ class MelMapper:
                 y = self.mlp_(torch.from_numpy(x)).numpy()
         return y.reshape(len(frames) * self.upsample, self.n_mels)
 
-    def to_wave(self, frames: np.ndarray, vocoder=None, n_iter: int = 64) -> np.ndarray:
-        """[frame, d] activations -> wave at `sr` (the mapper, then `vocoder`, by default Griffin-Lim)."""
-        if vocoder is None:
-            return mel_to_wave(self.vocoder_mel(self.predict(frames)), self.mel_config, n_iter=n_iter)
-        return vocoder(self.vocoder_mel(self.predict(frames)))
-
     # --- persistence: cfg.json + weights.safetensors ----------------------------------------
     def save(self, directory: str | Path) -> None:
         self._check()
