@@ -7,6 +7,10 @@ actor; the last 10% (unseen actors) are held out for evaluation.
 
 Settings shared by every trainer: TopK, 8x expansion (4096 latents), k = 32, 1M training samples,
 batch 1024, Adam at lr 1e-3, dead window 100k frames (for the AuxK loss of both), 2 CPU threads.
+Each trainer runs its own recipe around that lr: ours holds decoder rows at unit norm and steps
+them at `decoder_lr_scale` (10) x lr, which matches the turning speed SAELens' free decoder gets
+from its 0.1-norm init (see SAEConfig.decoder_lr_scale), and decays the lr to 0 over the last 20%;
+SAELens runs at a constant lr with its defaults (grad-norm clipping at 1, aux coefficient 1).
 SAELens' `SAETrainer` is fed through its data-provider entry point (an iterator of batches), once
 on the raw activations and once on mean-centred activations rescaled to E||x||^2 = d.
 
@@ -182,7 +186,8 @@ def main() -> None:
     print(f"frames: {len(frames)} x {frames.shape[1]} ({n_train} train, {len(frames) - n_train} held out), "
           f"site {SITE}, store {path}", flush=True)
     print(f"settings: TopK, {args.expansion}x ({args.expansion * frames.shape[1]} latents), k = {args.k}, "
-          f"{args.samples} samples, batch {args.batch}, lr {args.lr}, dead window {args.dead_window} frames, "
+          f"{args.samples} samples, batch {args.batch}, lr {args.lr} (ours: decoder rows at "
+          f"{build('topk', d_in=frames.shape[1]).cfg.decoder_lr_scale:g}x), dead window {args.dead_window} frames, "
           f"{args.threads} threads", flush=True)
 
     rows = []

@@ -20,7 +20,7 @@ from affectlens.sae import (ARCHITECTURES, BatchTopKConfig, ForwardOutput, JumpR
 from affectlens.sae.metrics import update_tokens_since_fired
 from affectlens.sae.topk import geometric_median
 from affectlens.sae.train import (batches_from_chunks, batches_from_chunks_all, held_out_split, row_chunks,
-                                  training_stream)
+                                  train_loop, training_stream)
 from affectlens.store import Store, write_store
 
 SITE = "encoder.blocks.3.resid_post"
@@ -83,7 +83,8 @@ def test_config_rejects_unknown_keys_and_bad_values():
         TopKConfig.from_dict({"d_in": 8, "kk": 3})
     for bad, key in [({"k": 0}, "k"), ({"k": 100, "expansion": 2}, "k"), ({"lr": -1.0}, "lr"),
                      ({"d_sae": 0}, "d_sae"), ({"b_dec_init": "median"}, "b_dec_init"),
-                     ({"batch_size": 1.5}, "batch_size"), ({"aux_coef": -0.1}, "aux_coef")]:
+                     ({"batch_size": 1.5}, "batch_size"), ({"aux_coef": -0.1}, "aux_coef"),
+                     ({"decoder_lr_scale": 0.0}, "decoder_lr_scale")]:
         with pytest.raises(ValueError, match=f"TopKConfig.{key}"):
             TopKConfig(d_in=8, **bad)
     cfg = TopKConfig(d_in=8, d_sae=40, k=4)
@@ -254,6 +255,37 @@ def test_resumed_stream_continues_where_it_stopped():
         tail = np.concatenate([c for c, _ in zip(training_stream(rows, 0, 50, 7, seed=3, skip=skip), range(30))])[:, 0]
         np.testing.assert_array_equal(tail[:40], whole[skip:skip + 40])
     assert sorted(whole[50:100]) == list(range(50)) and list(whole[50:100]) != list(whole[:50])  # a new order per epoch
+
+
+def test_shuffled_chunks_mix_rows_from_across_the_store():
+    # 10 "actors" of 1000 consecutive rows each (a store is ordered by clip): every shuffled chunk,
+    # and even every batch of 100 rows, draws from (nearly) all of them, not from one or two.
+    rows = np.arange(10_000, dtype=np.float32)[:, None]
+    chunks = list(row_chunks(rows, 0, 10_000, 1000, shuffle=True, seed=0))
+    assert sorted(np.concatenate(chunks)[:, 0]) == list(range(10_000))
+    assert len(chunks) == 11 and min(len(c) for c in chunks[:-1]) >= 985   # 66 blocks of (up to) 15 rows
+    for chunk in chunks[:-1]:
+        assert len(np.unique(chunk[:, 0] // 1000)) == 10
+    first_batches = next(batches_from_chunks(iter(chunks), 100)).numpy()[:, 0]
+    assert len(np.unique(first_batches // 1000)) >= 8
+    plain = list(row_chunks(rows, 0, 10_000, 1000, shuffle=False, seed=0))
+    assert [len(np.unique(c[:, 0] // 1000)) for c in plain] == [1] * 10   # unshuffled: in order
+
+
+def test_decoder_steps_at_decoder_lr_scale_times_the_learning_rate():
+    # Adam's first step moves each coordinate by lr (|m / sqrt(v)| = 1): every encoder weight that
+    # got a gradient moves by exactly lr, and a unit decoder row (the step orthogonal to it) turns by
+    # about lr * sqrt(d_in) radians, times decoder_lr_scale.
+    X = torch.from_numpy(planted(512, d=16, n_atoms=32)[0])
+    sae = build("topk", d_in=16, expansion=4, k=4, n_samples=256, batch_size=256, lr=1e-3, lr_decay=0.0)
+    sae.init_from_data(X)
+    w_enc, w_dec = sae.W_enc.detach().clone(), sae.W_dec.detach().clone()
+    state = train_loop(sae, [X[:256]], progress=False)
+    assert [g["lr"] for g in state.optimizer.param_groups] == [pytest.approx(1e-2), pytest.approx(1e-3)]
+    moved = (sae.W_enc.detach() - w_enc).abs()
+    assert float(moved[moved > 0].median()) == pytest.approx(1e-3, rel=1e-4)
+    angle = torch.arccos((sae.W_dec.detach() * w_dec).sum(1).clamp(-1, 1))
+    assert float(angle[angle > 0].median()) == pytest.approx(10 * 1e-3 * 16 ** 0.5, rel=0.05)
 
 
 def test_train_sae_from_store_writes_artifacts(tmp_path):

@@ -3,7 +3,7 @@
 One loop serves every architecture. It asks the module for: `init_from_data(x)`,
 `forward(x, dead_mask, return_latents) -> ForwardOutput`, `sparsity_scale(progress)`,
 `remove_parallel_grads()` and `normalize_decoder()`; and the config for `n_latents`,
-`learning_rate`, `lr_decay`, `batch_size`, `n_samples`, `dead_tokens` and `seed`.
+`learning_rate`, `decoder_lr_scale`, `lr_decay`, `batch_size`, `n_samples`, `dead_tokens` and `seed`.
 
 The data stream is a pure function of (seed, samples seen): epochs of shuffled chunks, each epoch
 with its own order, regrouped into full batches. A run stopped after a checkpoint therefore
@@ -31,6 +31,8 @@ from affectlens.sae.registry import architecture_of, build, save_sae
 
 INIT_ROWS = 16384  # frames used to set the input mean, scale and b_dec
 LOG_EVERY = 50     # steps between logged metrics (each one syncs the device)
+MIX_BLOCK_ROWS = 512         # rows per block of a shuffled training chunk (~3 clips; a store HDF5 chunk at d = 512)
+MIX_BLOCKS_PER_CHUNK = 64    # a shuffled chunk is made of at least this many blocks from across the data
 
 
 # -- the loop ------------------------------------------------------------------------------------
@@ -47,8 +49,12 @@ class TrainState:
 
 
 def new_state(sae: torch.nn.Module) -> TrainState:
+    """A fresh optimiser: Adam over two parameter groups, the decoder rows at
+    `cfg.decoder_lr_scale` times the learning rate (see that field) and the rest at 1x."""
     # eps as in Gao et al.: small enough not to damp the updates of rarely active latents
-    opt = torch.optim.Adam(sae.parameters(), lr=sae.cfg.learning_rate, betas=(0.9, 0.999), eps=6.25e-10)
+    rest = [p for name, p in sae.named_parameters() if name != "W_dec"]
+    groups = [{"params": [sae.W_dec], "lr_scale": sae.cfg.decoder_lr_scale}, {"params": rest, "lr_scale": 1.0}]
+    opt = torch.optim.Adam(groups, lr=sae.cfg.learning_rate, betas=(0.9, 0.999), eps=6.25e-10)
     return TrainState(opt, torch.zeros(sae.cfg.n_latents, dtype=torch.long, device=sae.W_dec.device))
 
 
@@ -77,7 +83,7 @@ def train_loop(sae: torch.nn.Module, batches: Iterable[torch.Tensor], state: Tra
         t0 = time.perf_counter()
         x = x.to(device, non_blocking=True)
         for group in state.optimizer.param_groups:
-            group["lr"] = learning_rate_at(cfg, state.steps)
+            group["lr"] = learning_rate_at(cfg, state.steps) * group["lr_scale"]
         sae.sparsity_scale(state.samples_seen / cfg.n_samples)
         out = sae(x, dead_mask=state.tokens_since_fired >= cfg.dead_tokens, return_latents=False)
         state.optimizer.zero_grad(set_to_none=True)
@@ -161,21 +167,39 @@ def batches_from_chunks_all(chunks: Iterable[np.ndarray], batch_size: int) -> It
 
 def row_chunks(ds, start: int, stop: int, chunk_rows: int, shuffle: bool, seed: int,
                skip: int = 0) -> Iterator[np.ndarray]:
-    """Rows [start, stop) of an [rows, d] dataset (HDF5 or array) as float32 chunks; with
-    `shuffle`, chunks in random order and rows shuffled within each chunk (the same approximation
-    as Store.frame_chunks). The first `skip` rows of that stream are left out without reading
+    """Rows [start, stop) of an [rows, d] dataset (HDF5 or array) as float32 chunks of about
+    `chunk_rows` rows. With `shuffle`, each chunk gathers `chunk_rows // block` blocks of `block`
+    contiguous rows (at most MIX_BLOCK_ROWS, and at least MIX_BLOCKS_PER_CHUNK blocks a chunk) drawn
+    at random from the whole range, and its rows are shuffled. Why blocks and not contiguous
+    chunks: stores are ordered by clip (RAVDESS: by actor), so a contiguous 65k-row chunk holds a
+    few speakers only, every batch cut from it is drawn from them, and the end of training (where
+    the learning rate decays) fits the last chunk's speakers; measured on Whisper-base block 3 of
+    RAVDESS (200k samples), typical-frame EV 0.836 with contiguous chunks vs 0.845 fully shuffled.
+    Blocks of a few clips spread over the store give batches as mixed as a full shuffle while
+    reading whole HDF5 chunks. The first `skip` rows of the stream are left out without reading
     them (resuming mid-epoch)."""
-    starts = np.arange(start, stop, chunk_rows)
     rng = np.random.default_rng(seed)
     if shuffle:
+        block = max(1, min(MIX_BLOCK_ROWS, chunk_rows // MIX_BLOCKS_PER_CHUNK))
+        starts = np.arange(start, stop, block)
         rng.shuffle(starts)
-    for s in starts:
-        size = min(s + chunk_rows, stop) - s
+        per_chunk = max(1, chunk_rows // block)
+        pieces = [np.sort(starts[i:i + per_chunk]) for i in range(0, len(starts), per_chunk)]
+    else:
+        block = chunk_rows
+        pieces = [np.array([s]) for s in range(start, stop, chunk_rows)]
+    for piece in pieces:
+        spans = [(int(s), min(int(s) + block, stop)) for s in piece]
+        size = sum(b - a for a, b in spans)
         perm = rng.permutation(size) if shuffle else None
         if skip >= size:
             skip -= size
             continue
-        x = np.asarray(ds[s:s + size], dtype=np.float32)
+        x = np.empty((size, *ds.shape[1:]), dtype=np.float32)
+        pos = 0
+        for a, b in spans:  # converted to float32 while copied in
+            x[pos:pos + b - a] = ds[a:b]
+            pos += b - a
         x = x[perm] if shuffle else x
         yield x[skip:]
         skip = 0
