@@ -7,6 +7,7 @@ call exactly what the workflow calls.
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 import traceback
 from contextlib import contextmanager
@@ -520,7 +521,7 @@ def steer(store_path, manifest_path, model_cfg: dict, contrast: dict, params: di
                 "steerers": {m: fit_steerer(m, X_site[others], labels[others], speakers[others], src, tgt,
                                             pair_keys=None if pair_keys is None else pair_keys[others], sae=sae,
                                             latents=None if latents is None else latents[others],
-                                            k_features=params["sae_features"])[0]
+                                            k_features=params["sae_features"])
                              for m in methods},
                 "mapper": new_mapper().fit_targets([frames[j] for j in others], [mel_targets[j] for j in others]),
                 "probe": LinearProbe().fit(X_read[pair], labels[pair]),
@@ -536,37 +537,49 @@ def steer(store_path, manifest_path, model_cfg: dict, contrast: dict, params: di
                         **round_trip_quality(f["mapper"], unsteered, waves[i], vocoder=vocoder, sr=sr)})
         outputs = {("none", "original"): waves[i]}
         mark_db = {("none", "original"): np.nan}
+        zero = None  # (method, path) of the first alpha = 0 file: the unsteered path, the same for every method
         for method, steerer in f["steerers"].items():
             for alpha in params["alphas"]:
+                key, path = (method, f"{alpha:g}"), out_dir / "audio" / steered_wav_name(clip_id, method, alpha)
+                if alpha == 0 and zero is not None:  # every method's alpha = 0 leaves the activations as they are
+                    shutil.copyfile(zero[1], path)
+                    mark_db[key], outputs[key] = mark_db[zero[0], key[1]], outputs[zero[0], key[1]]
+                    continue
                 _, cache = adapter.run(batch, capture=[site], interventions={site: steerer(alpha)})
                 steered = cache[site][0, :n].float().cpu().numpy()
                 wave = invert(f["mapper"], unsteered, steered, waves[i], mode=params["inversion"], vocoder=vocoder,
                               sr=sr)
                 # every steered file carries the research label and the watermark; the judges below hear it too
-                path = out_dir / "audio" / steered_wav_name(clip_id, method, alpha)
-                mark_db[method, f"{alpha:g}"] = write_steered_audio(
-                    path, wave, sr, key=params.get("watermark_key", "affectlens"),
-                    snr_db=params.get("watermark_snr_db", "auto"))
-                outputs[method, f"{alpha:g}"] = load_any(path)[0]
+                mark_db[key] = write_steered_audio(path, wave, sr, key=params.get("watermark_key", "affectlens"),
+                                                   snr_db=params.get("watermark_snr_db", "auto"))
+                outputs[key] = load_any(path)[0]
+                if alpha == 0:
+                    zero = (method, path)
         # the words said: the dataset's own text where it has one (RAVDESS, CREMA-D, the demo), else
         # the ASR's transcript of the original (which can itself be wrong: a loop, a hallucination)
         text = manifest["text"].iloc[i] if "text" in manifest.columns else None
         has_text = isinstance(text, str) and text.strip() != ""
         reference = text.strip() if has_text else transcribe(asr, waves[i])
+        judged = {}  # id(wave) -> the judges' numbers: the alpha = 0 files of all methods are one wave
         for (method, kind), wave in outputs.items():
-            _, cache = adapter.run(adapter.prepare([wave]), capture=[readout_site])
-            pooled = cache[readout_site][0, :adapter.frames_for(len(wave))].float().mean(0).cpu().numpy()[None]
-            p_model = f["probe"].predict_proba(pooled)[0, list(f["probe"].classes_).index(tgt)]
-            p_acoustic = f["acoustic"].predict_proba([wave])[0, list(f["acoustic"].classes_).index(tgt)]
-            transcript = transcribe(asr, wave)
-            similarity = speaker_similarity(waves[i], wave, sr) if speaker_similarity else np.nan
+            if id(wave) not in judged:
+                _, cache = adapter.run(adapter.prepare([wave]), capture=[readout_site])
+                pooled = cache[readout_site][0, :adapter.frames_for(len(wave))].float().mean(0).cpu().numpy()[None]
+                p_model = f["probe"].predict_proba(pooled)[0, list(f["probe"].classes_).index(tgt)]
+                p_acoustic = f["acoustic"].predict_proba([wave])[0, list(f["acoustic"].classes_).index(tgt)]
+                transcript = transcribe(asr, wave)
+                judged[id(wave)] = {
+                    "p_target_model_probe": float(p_model), "p_target_acoustic": float(p_acoustic),
+                    **prosody(wave, sr),
+                    "wer_vs_original": word_error_rate(reference, transcript),
+                    # resemblyzer cosine to the original: was the voice kept?
+                    "speaker_similarity": speaker_similarity(waves[i], wave, sr) if speaker_similarity else np.nan,
+                }, transcript
+            numbers, transcript = judged[id(wave)]
             records.append({
                 "clip_id": clip_id, "speaker": spk, "method": method, "output": kind,
                 "alpha": np.nan if kind == "original" else float(kind),
-                "p_target_model_probe": float(p_model), "p_target_acoustic": float(p_acoustic),
-                **prosody(wave, sr),
-                "wer_vs_original": word_error_rate(reference, transcript),
-                "speaker_similarity": similarity,  # resemblyzer cosine to the original: was the voice kept?
+                **numbers,
                 "watermark_snr_db": mark_db[method, kind],  # the level this file's watermark was embedded at
                 "transcript": transcript, "reference": reference,
                 "reference_source": "text" if has_text else "asr",

@@ -505,8 +505,9 @@ def invert(mapper: MelMapper, frames: np.ndarray, steered: np.ndarray, wave: np.
     _check_inputs(mapper, frames, steered, mode, vocoder)
     cfg = mapper.mel_config
     sr = sr or mapper.sr
-    if mode == "direct":
+    if mode != "residual":
         vocoder = vocoder or _griffin_lim(cfg, 64 if n_iter is None else n_iter)
+    if mode == "direct":
         out = vocoder(mapper.vocoder_mel(mapper.predict(steered)))
         n = round(len(frames) * mapper.upsample / mapper.grid_rate * sr)
         return _fit_length(resample(out, cfg.sr, sr), n)
@@ -519,7 +520,6 @@ def invert(mapper: MelMapper, frames: np.ndarray, steered: np.ndarray, wave: np.
     change = np.zeros_like(true)
     k = min(len(delta), len(true))
     change[:k] = delta[:k]
-    vocoder = vocoder or _griffin_lim(cfg, 64 if n_iter is None else n_iter)
     return _fit_length(resample(vocoder(true + change), cfg.sr, sr), len(wave))
 
 

@@ -112,7 +112,7 @@ METHODS = ("diff_of_means", "probe", "pca", "sae")
 
 def fit_steerer(method: str, X: np.ndarray, labels, speakers, source: str, target: str, pair_keys=None,
                 sae=None, latents: np.ndarray | None = None, k_features: int = 4):
-    """(alpha -> Intervention, what was fit) for one steering method, fit on pooled site
+    """alpha -> Intervention for one steering method, fit on pooled site
     activations X [clip, d] of labelled clips (the workflow passes the other speakers' clips).
 
     diff_of_means: per-speaker averaged difference of means; probe: `probe_vector`; pca:
@@ -128,9 +128,7 @@ def fit_steerer(method: str, X: np.ndarray, labels, speakers, source: str, targe
             raise ValueError("method sae needs an SAE at the steer site (list the steer_site among the model's "
                              "sae_sites) and its pooled latents")
         edits = concept_edits(latents, labels, source, target, k=k_features)
-        return (lambda alpha: sae_edit(sae, edits, alpha)), {
-            "features_on": [e.feature for e in edits if e.op == "clamp"],
-            "features_off": [e.feature for e in edits if e.op == "zero"]}
+        return lambda alpha: sae_edit(sae, edits, alpha)
     if method == "diff_of_means":
         v = diff_of_means(X, labels, speakers, source, target)
     elif method == "probe":
@@ -141,4 +139,4 @@ def fit_steerer(method: str, X: np.ndarray, labels, speakers, source: str, targe
         v = pca_vector(X, labels, pair_keys, source, target)
     else:
         raise ValueError(f"steering method {method!r}: choose from {METHODS}")
-    return (lambda alpha: add_vector(v, alpha)), {"vector_norm": float(np.linalg.norm(v))}
+    return lambda alpha: add_vector(v, alpha)

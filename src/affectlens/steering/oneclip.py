@@ -51,11 +51,12 @@ def load_vector(path: str | Path, key: str | None = None) -> np.ndarray:
     return v
 
 
-def site_frames(adapter, wave: np.ndarray, site: str, intervention=None) -> np.ndarray:
-    """[frame, d] activations of one clip at `site`, optionally with an intervention installed there."""
+def site_frames(adapter, wave: np.ndarray, site: str, interventions: dict | None = None) -> np.ndarray:
+    """[frame, d] activations of one clip at `site`, optionally with `interventions` {site: edit}
+    installed (at that site or upstream of it)."""
     batch = adapter.prepare([wave])
     n = batch.n_frames[0]
-    _, cache = adapter.run(batch, capture=[site], interventions={site: intervention} if intervention else None)
+    _, cache = adapter.run(batch, capture=[site], interventions=interventions)
     return cache[site][0, :n].float().cpu().numpy()
 
 
@@ -102,10 +103,6 @@ def steer_wave(adapter, wave: np.ndarray, site: str | list[str], vector, alpha: 
     if len(vectors) != len(sites):
         raise ValueError(f"{len(sites)} sites but {len(vectors)} steering vectors: give one vector per site")
     read = inversion_site(sites)
-    batch = adapter.prepare([wave])
-    n = batch.n_frames[0]
-    _, clean = adapter.run(batch, capture=[read])
-    edits = {s: add_vector(v, alpha, frames=frames) for s, v in zip(sites, vectors)}
-    _, steered = adapter.run(batch, capture=[read], interventions=edits)
-    unsteered, steered = (c[read][0, :n].float().cpu().numpy() for c in (clean, steered))
+    unsteered = site_frames(adapter, wave, read)
+    steered = site_frames(adapter, wave, read, {s: add_vector(v, alpha, frames=frames) for s, v in zip(sites, vectors)})
     return invert(mapper, unsteered, steered, wave, mode=mode, vocoder=vocoder, sr=adapter.sample_rate)
