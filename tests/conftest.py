@@ -6,6 +6,17 @@ import pytest
 import yaml
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for the module: small matmuls on a shared 2-core machine only contend."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_workflow(tmp_path_factory):
     """(workdir, config) of one real run of the Snakemake DAG on test_workflow's tiny config, once per

@@ -20,8 +20,8 @@ from affectlens.probes.dynamic import (
     dynamic_probe,
     pool_bins,
     rating_bins,
-    song_folds,
 )
+from affectlens.probes.sweep import grouped_splits
 from affectlens.store import Store, write_store
 
 FRAME_RATE = 50.0
@@ -108,7 +108,7 @@ def test_pooled_windows_are_the_mean_of_their_frames(planted):
 def test_song_folds_never_split_a_group(planted):
     bins = _bins(planted)
     groups = bins.table["group"].to_numpy()
-    for tr, te in song_folds(groups, 5, seed=3):
+    for tr, te in grouped_splits(None, groups, 5, seed=3, unit="songs"):
         assert not set(groups[tr]) & set(groups[te])
 
 

@@ -26,13 +26,7 @@ from affectlens.store import Store, write_store
 SITE = "encoder.blocks.3.resid_post"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small matmuls on a shared 2-core machine: extra threads only add contention.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def planted(n: int, d: int = 64, n_atoms: int = 256, per_sample: int = 4, noise: float = 0.01, seed: int = 0):

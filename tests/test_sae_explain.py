@@ -27,12 +27,7 @@ from affectlens.viz.dashboard import write_dashboard
 SITE = "encoder.blocks.0.resid_post"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,7 @@ SETTINGS = {  # chosen once on this data; each trains in a few seconds on one th
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def planted_clips(seed: int = 0):

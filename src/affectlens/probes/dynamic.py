@@ -215,26 +215,6 @@ def curve_permutations(bins: RatingBins, n_permutations: int, seed: int = 0) -> 
     return out
 
 
-def song_folds(groups: np.ndarray, n_splits: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Grouped folds over the bins: every group (and so every song) wholly on one side."""
-    from sklearn.model_selection import GroupKFold
-
-    groups = np.asarray(groups).astype(str)
-    n_groups = len(np.unique(groups))
-    if n_groups < 2:
-        raise ValueError(f"grouped cross-validation needs at least 2 groups (artists/songs); the rated clips hold "
-                         f"{n_groups}")
-    k = min(int(n_splits), n_groups)
-    if k < 2:
-        raise ValueError(f"probe_dynamic.n_splits = {n_splits}: cross-validation needs at least 2 folds")
-    folds = list(GroupKFold(n_splits=k, shuffle=True, random_state=seed).split(groups, groups=groups))
-    for i, (tr, te) in enumerate(folds):
-        shared = set(groups[tr]) & set(groups[te])
-        if shared:
-            raise RuntimeError(f"fold {i}: groups {sorted(shared)[:5]} are on both sides")
-    return folds
-
-
 def regress_site(X: np.ndarray, Y: np.ndarray, groups: np.ndarray, folds, alphas=DEFAULT_ALPHAS, seed: int = 0):
     """Out-of-fold ridge fits of every column of Y [bin, target row] on X [bin, d]. Returns
     (metrics {name: [target row, fold]}, out-of-fold predictions [bin, target row])."""
@@ -261,11 +241,11 @@ def dynamic_probe(get: Callable[[str], np.ndarray], sites: Sequence[str], bins: 
     Returns (metrics: one row per site x target x metric with value, ci_low, ci_high over folds,
     p_value and p_resolution from the song-curve permutations; predictions: per site x bin the
     out-of-fold prediction of each target beside the rating)."""
-    from affectlens.probes.sweep import site_columns
+    from affectlens.probes.sweep import grouped_splits, site_columns
 
     t = bins.table
     groups = t["group"].to_numpy().astype(str)
-    folds = song_folds(groups, n_splits, seed)
+    folds = grouped_splits(None, groups, n_splits, seed, unit="groups (artists/songs)")
     perm = curve_permutations(bins, n_permutations, seed)
     rated = t[list(TARGETS)].to_numpy(float)  # [bin, target]
     # columns: target 0 observed, target 1 observed, then each permutation's two targets

@@ -107,26 +107,33 @@ class Task:
         return METRICS if self.kind == "classification" else REGRESSION_METRICS
 
 
-def grouped_splits(y, groups, n_splits: int = 4, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Stratified folds with every group (speaker) wholly on one side. `n_splits` is capped at the
-    number of groups, with a warning. Raises if any group lands on both sides of a fold."""
-    y, groups = np.asarray(y), np.asarray(groups)
+def grouped_splits(y, groups, n_splits: int = 4, seed: int = 0,
+                   unit: str = "speakers") -> list[tuple[np.ndarray, np.ndarray]]:
+    """Folds with every group (`unit`: speakers, songs, ...) wholly on one side, stratified by `y`
+    (None: unstratified, e.g. for regression targets). `n_splits` is capped at the number of groups,
+    with a warning. Raises if any group lands on both sides of a fold."""
+    from sklearn.model_selection import GroupKFold
+
+    groups = np.asarray(groups)
     n_groups = len(np.unique(groups))
     if n_groups < 2:
-        raise ValueError(f"grouped cross-validation needs at least 2 speakers; the clips hold {n_groups}")
+        raise ValueError(f"grouped cross-validation needs at least 2 {unit}; the clips hold {n_groups}")
     if n_splits < 2:
         raise ValueError(f"n_splits={n_splits}: cross-validation needs at least 2 folds")
     if n_splits > n_groups:
-        warnings.warn(f"n_splits={n_splits} is more than the {n_groups} speakers; using {n_groups} folds",
+        warnings.warn(f"n_splits={n_splits} is more than the {n_groups} {unit}; using {n_groups} folds",
                       stacklevel=2)
         n_splits = n_groups
-    cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    if y is None:
+        cv, y = GroupKFold(n_splits=n_splits, shuffle=True, random_state=seed), np.zeros(len(groups))
+    else:
+        cv, y = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed), np.asarray(y)
     splits = [(tr, te) for tr, te in cv.split(np.zeros((len(y), 1)), y, groups)]
     tested = np.zeros(len(y), dtype=int)
     for k, (tr, te) in enumerate(splits):
         shared = set(groups[tr]) & set(groups[te])
         if shared:
-            raise RuntimeError(f"fold {k}: speakers {sorted(map(str, shared))[:5]} are on both sides")
+            raise RuntimeError(f"fold {k}: {unit} {sorted(map(str, shared))[:5]} are on both sides")
         tested[te] += 1
     if not np.all(tested == 1):
         raise RuntimeError("the folds do not test every clip exactly once")
