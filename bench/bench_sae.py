@@ -15,8 +15,10 @@ SAELens' `SAETrainer` is fed through its data-provider entry point (an iterator 
 on the raw activations and once on mean-centred activations rescaled to E||x||^2 = d.
 
 Reported per trainer: training throughput (samples/s, wall time of the training call), explained
-variance and L0 on the held-out frames, and the dead fraction: latents that never fire on any of
-the ~59k frames of the store (training and held-out).
+variance and L0 on the held-out frames (all of them, and apart on the typical and the ~1% outlier
+frames, see `outlier_frames`), and the dead fraction: latents that never fire on any frame of the
+store (training and held-out). A compute-matched row trains ours again for as long as SAELens
+(centred) took, at our measured rate (`--skip-equal-time` leaves it out).
 
     python bench/bench_sae.py                 # full run (~10-20 min on 2 loaded cores)
     python bench/bench_sae.py --samples 200000 # quicker
@@ -106,8 +108,9 @@ def score(encode, decode, frames: np.ndarray, n_train: int, batch: int = 4096) -
             "dead_fraction": float((~fired).float().mean()), "eval_frames": n_eval, "dead_window": len(frames)}
 
 
-def run_ours(path: Path, frames: np.ndarray, n_train: int, args, architecture: str = "topk") -> dict:
-    cfg = dict(d_in=frames.shape[1], expansion=args.expansion, k=args.k, n_samples=args.samples,
+def run_ours(path: Path, frames: np.ndarray, n_train: int, args, architecture: str = "topk",
+             samples: int | None = None) -> dict:
+    cfg = dict(d_in=frames.shape[1], expansion=args.expansion, k=args.k, n_samples=samples or args.samples,
                batch_size=args.batch, lr=args.lr, dead_tokens=args.dead_window, seed=0)
     sae = build(architecture, **cfg)
     with Store(path) as st:  # streamed from the HDF5 store in shuffled chunks, as the workflow does
@@ -145,6 +148,7 @@ def run_saelens(frames: np.ndarray, n_train: int, args, centred: bool) -> dict:
                 yield data[perm[i:i + args.batch]]
 
     d = frames.shape[1]
+    torch.manual_seed(0)  # SAELens draws its init from torch's global generator
     sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d, d_sae=args.expansion * d, k=args.k, device="cpu",
                                                 dtype="float32"))
     cfg = SAETrainerConfig(total_training_samples=args.samples, train_batch_size_samples=args.batch, lr=args.lr,
@@ -163,6 +167,16 @@ def run_saelens(frames: np.ndarray, n_train: int, args, centred: bool) -> dict:
             "samples": trainer.n_training_samples, **out}
 
 
+def ratio_line(ours: dict, r: dict) -> str:
+    return (f"ratio {ours['trainer']} / {r['trainer']}: "
+            f"throughput x{ours['samples_per_second'] / r['samples_per_second']:.2f}, "
+            f"EV {ours['explained_variance']:.3f} vs {r['explained_variance']:.3f} (unexplained x"
+            f"{(1 - ours['explained_variance']) / (1 - r['explained_variance']):.2f}); typical frames "
+            f"{ours['ev_typical_frames']:.3f} vs {r['ev_typical_frames']:.3f} (unexplained x"
+            f"{(1 - ours['ev_typical_frames']) / (1 - r['ev_typical_frames']):.2f}); "
+            f"dead {ours['dead_fraction']:.3f} vs {r['dead_fraction']:.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=1_000_000)
@@ -179,6 +193,8 @@ def main() -> None:
                          "instead of building the 320-clip cache")
     ap.add_argument("--ours", default="topk", help="comma-separated affectlens architectures")
     ap.add_argument("--skip-saelens-raw", action="store_true")
+    ap.add_argument("--skip-equal-time", action="store_true",
+                    help="do not train ours again for as long as SAELens (centred) took")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     path = args.store or ravdess_store(args.clips)
@@ -200,6 +216,12 @@ def main() -> None:
         version = sae_lens.__version__
         rows.append(run_saelens(frames, n_train, args, centred=True))
         print(json.dumps(rows[-1]), flush=True)
+        if not args.skip_equal_time:  # compute-matched: ours for SAELens' wall time at our measured rate
+            ours, theirs = rows[0], rows[-1]
+            n = int(theirs["seconds"] * ours["samples_per_second"]) // args.batch * args.batch
+            rows.insert(1, {**run_ours(path, frames, n_train, args, args.ours.split(",")[0], samples=n),
+                            "trainer": f"{ours['trainer']}, SAELens' time ({n / 1e6:.2f}M samples)"})
+            print(json.dumps(rows[1]), flush=True)
         if not args.skip_saelens_raw:
             rows.append(run_saelens(frames, n_train, args, centred=False))
             print(json.dumps(rows[-1]), flush=True)
@@ -214,21 +236,17 @@ def main() -> None:
 
     print()
     print(f"outlier frames (centred norm > {OUTLIER_FACTOR:g}x median): {rows[0]['outlier_share']:.2%} of held-out frames")
-    print(f"{'trainer':44s} {'samples/s':>10s} {'EV':>7s} {'EV typ':>7s} {'EV out':>7s} {'L0':>6s} {'dead':>7s}")
+    print(f"{'trainer':48s} {'samples/s':>10s} {'EV':>7s} {'EV typ':>7s} {'EV out':>7s} {'L0':>6s} {'dead':>7s}")
     for r in rows:
-        print(f"{r['trainer']:44s} {r['samples_per_second']:10.0f} {r['explained_variance']:7.3f} "
+        print(f"{r['trainer']:48s} {r['samples_per_second']:10.0f} {r['explained_variance']:7.3f} "
               f"{r['ev_typical_frames']:7.3f} {r['ev_outlier_frames']:7.3f} {r['l0']:6.1f} {r['dead_fraction']:7.3f}")
-    ours = rows[0]
-    for r in rows[1:]:
-        if not r["trainer"].startswith("SAELens"):
+    for ours in rows:
+        if ours["trainer"].startswith("SAELens"):
             continue
-        speed = ours["samples_per_second"] / r["samples_per_second"]
-        print(f"ratio {ours['trainer']} / {r['trainer']}: throughput x{speed:.2f}, "
-              f"EV x{ours['explained_variance'] / r['explained_variance']:.2f} "
-              f"({ours['explained_variance']:.3f} vs {r['explained_variance']:.3f}; typical frames "
-              f"{ours['ev_typical_frames']:.3f} vs {r['ev_typical_frames']:.3f}, unexplained x"
-              f"{(1 - ours['ev_typical_frames']) / (1 - r['ev_typical_frames']):.2f}), "
-              f"dead {ours['dead_fraction']:.3f} vs {r['dead_fraction']:.3f}")
+        for r in rows:
+            if r["trainer"].startswith("SAELens"):
+                print(ratio_line(ours, r))
+
     CACHE.mkdir(parents=True, exist_ok=True)
     (CACHE / "bench_sae.json").write_text(json.dumps({"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "saelens": version, "rows": rows}, indent=2))
 
