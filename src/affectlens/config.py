@@ -13,6 +13,14 @@ def contrast_name(contrast: dict) -> str:
     return f"{contrast['source']}-to-{contrast['target']}"
 
 
+def sae_steer_site(config: dict, model_cfg: dict) -> str | None:
+    """The site whose SAE the steering method `sae` edits for this model (its steer_site) when
+    steer.methods lists sae; None otherwise, and for MusicGen (steered during generation)."""
+    if "sae" in config.get("steer", {}).get("methods", []) and model_cfg["family"] != "musicgen":
+        return model_cfg.get("steer_site")
+    return None
+
+
 def check_config(config: dict) -> None:
     for name, study in config["studies"].items():
         for ds in study["datasets"]:
@@ -34,10 +42,9 @@ def check_config(config: dict) -> None:
                         if emotions and label not in emotions:
                             raise ConfigError(f"studies.{name}.contrasts[{i}] names label {label!r}, which dataset "
                                               f"{ds!r} does not have (datasets.{ds}.demo.emotions = {emotions})")
-    methods = config.get("steer", {}).get("methods", [])
     for name, m in config["models"].items():
-        if "sae" in methods and m.get("steer_site") and m["family"] != "musicgen" \
-                and m["steer_site"] not in m.get("sae_sites", []):
+        site = sae_steer_site(config, m)
+        if site and site not in m.get("sae_sites", []):
             raise ConfigError(f"steer.methods lists sae, which edits features of an SAE at the steer site, but "
                               f"models.{name}.sae_sites does not list its steer_site {m['steer_site']!r}")
         keys = [("sites", s) for s in m["sites"]]

@@ -689,18 +689,14 @@ def word_error_rate(reference: str, hypothesis: str) -> float:
 
 def _steer_sae(sae_dir, site: str, frames: list[np.ndarray]):
     """The SAE trained at the steer site and every clip's mean latents [clip, n_latents]."""
-    import torch
-
+    from affectlens.sae.features import encode_array
     from affectlens.sae.registry import load_sae
 
     if sae_dir is None:
         raise ValueError(f"steer method sae needs an SAE at the steer site {site}: list it among the model's "
                          "sae_sites (the workflow then trains it first)")
     sae = load_sae(sae_dir)
-    with torch.no_grad():
-        latents = np.stack([sae.encode(torch.from_numpy(np.asarray(f, dtype=np.float32))).mean(0).numpy()
-                            for f in frames])
-    return sae, latents
+    return sae, np.stack([encode_array(sae, f).mean(0) for f in frames])
 
 
 def summarise_steering(table: pd.DataFrame) -> pd.DataFrame:

@@ -2,7 +2,7 @@
 import yaml
 from snakemake.utils import validate
 
-from affectlens.config import check_config, contrast_name
+from affectlens.config import check_config, contrast_name, sae_steer_site
 
 validate(config, "../schemas/config.schema.yaml")
 check_config(config)
@@ -99,10 +99,8 @@ def model_cfg(wildcards):
 
 def steer_inputs(wildcards):
     """The SAE at the steer site, for the steering method `sae` (config.py checks it is trained)."""
-    m = config["models"][wildcards.model]
-    if "sae" in config["steer"]["methods"] and m["family"] != "musicgen":
-        return {"sae": f"results/sae/{wildcards.dataset}/{wildcards.model}/{m['steer_site']}"}
-    return {}
+    site = sae_steer_site(config, config["models"][wildcards.model])
+    return {"sae": f"results/sae/{wildcards.dataset}/{wildcards.model}/{site}"} if site else {}
 
 
 def contrast_of(wildcards):

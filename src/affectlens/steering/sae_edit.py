@@ -9,9 +9,9 @@ so what the SAE does not reconstruct (its error term) is kept, alpha = 0 or an e
 nothing returns x exactly, and alpha scales the edit like a vector's strength. Latents are in the
 SAE's normalised units (the ones its dashboard and `feature_stats` report).
 
-`concept_edits` picks the features of a contrast from labelled clips, as the concept finder does:
-the k features most associated with the target (clamped on, at their mean activation on target
-clips) and the k most associated with the source (zeroed).
+`concept_edits` picks the features of a contrast from labelled clips by the difference of their mean
+activations: the k with the largest target - source difference (clamped on, at their mean activation
+on target clips) and the k with the largest source - target difference (zeroed).
 """
 
 from __future__ import annotations
