@@ -120,17 +120,17 @@ def run_stage(stage: str, work: Path, cfg: dict) -> None:
     manifest, store = work / "corpus" / "manifest.tsv", work / "results" / "store.h5"
     out = work / "results"
     if stage == "extract":
-        stages.extract(manifest, model, store)
+        stages.extract.extract(manifest, model, store)
     elif stage == "probe":
-        stages.probe(store, manifest, cfg["probe"], "label", out / "probe" / "sweep.tsv",
+        stages.probe.probe(store, manifest, cfg["probe"], "label", out / "probe" / "sweep.tsv",
                      out / "probe" / "confusion.tsv", out / "probe" / "layer_curve.png", threads=1,
                      readout_site=model["readout_site"])
     elif stage == "sae":
-        stages.sae(store, manifest, SAE_SITE, cfg["sae"], "label", out / "sae",
+        stages.sae.sae(store, manifest, SAE_SITE, cfg["sae"], "label", out / "sae",
                    checkpoint=out / "sae.checkpoint.pt")
     elif stage == "patch":
         d = out / "patch"
-        stages.patch(store, manifest, model, cfg["studies"]["s"]["contrasts"][0], cfg["patch"], "label",
+        stages.patch.patch(store, manifest, model, cfg["studies"]["s"]["contrasts"][0], cfg["patch"], "label",
                      d / "pairs.tsv", d / "effects.tsv", d / "summary.tsv", d / "agreement.tsv")
     else:
         raise ValueError(f"unknown stage {stage!r}")

@@ -35,7 +35,7 @@ def main() -> None:
     from affectlens.data.decode import decode_clip
     from affectlens.data.ravdess import index
     from affectlens.models.whisper import WhisperAdapter
-    from affectlens.stages import transcribe, word_error_rate
+    from affectlens.steering.text import transcribe, word_error_rate
     from affectlens.steering.watermark import THRESHOLD, detect, embed, snr_db
 
     torch.set_num_threads(args.threads)

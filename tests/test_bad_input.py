@@ -42,8 +42,8 @@ def config(**dataset) -> dict:
 
 def run_manifest(tmp_path, cfg):
     raw, out = tmp_path / "raw", tmp_path / "results" / "manifest"
-    stages.raw("d", cfg["datasets"]["d"], raw)
-    stages.manifest(raw, "d", cfg["datasets"]["d"], out / "d.tsv", out / "d.rejected.tsv")
+    stages.data.raw("d", cfg["datasets"]["d"], raw)
+    stages.data.manifest(raw, "d", cfg["datasets"]["d"], out / "d.tsv", out / "d.rejected.tsv")
     return read_manifest(out / "d.tsv"), read_rejections(out / "d.rejected.tsv")
 
 

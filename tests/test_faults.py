@@ -46,7 +46,7 @@ def setup(tmp_path_factory):
     cfg["models"]["tiny"]["chunk_clips"] = 5  # 12 clips: 3 chunks and a merge
     (work / "cfg.json").write_text(json.dumps(cfg))
     ref = work / "ref"
-    stages.extract(manifest, cfg["models"]["tiny"], ref / "store.h5")
+    stages.extract.extract(manifest, cfg["models"]["tiny"], ref / "store.h5")
     return work, manifest, cfg, ref
 
 
@@ -106,7 +106,7 @@ def test_extraction_killed_while_writing_a_store_resumes_to_the_uninterrupted_st
                 self.h5.flush()  # rows are on disk, the store is not finished
                 die()
         StoreWriter.append_rows = append_rows
-        stages.extract(manifest, cfg["models"]["tiny"], {str(out)!r})
+        stages.extract.extract(manifest, cfg["models"]["tiny"], {str(out)!r})
     """)
     assert_killed(proc)
     parts = out.with_name("store.h5.parts")
@@ -116,7 +116,7 @@ def test_extraction_killed_while_writing_a_store_resumes_to_the_uninterrupted_st
         Store(partial)
     done = sorted(p.name for p in parts.iterdir())
     assert "000000000-000000005.h5" in done
-    stages.extract(manifest, cfg["models"]["tiny"], out)
+    stages.extract.extract(manifest, cfg["models"]["tiny"], out)
     assert not parts.exists() and not partial.exists()
     assert_same_store(ref / "store.h5", out)
 
@@ -129,7 +129,7 @@ def test_a_truncated_store_is_refused_loudly_and_a_rerun_replaces_it(setup, tmp_
         with pytest.raises(IncompleteStoreError, match=r"store\.h5 is not a readable HDF5 store .*truncated file.*"
                                                        r"delete it and rerun extract"):
             Store(tmp_path / "store.h5")
-    stages.extract(manifest, cfg["models"]["tiny"], tmp_path / "store.h5")
+    stages.extract.extract(manifest, cfg["models"]["tiny"], tmp_path / "store.h5")
     assert_same_store(ref / "store.h5", tmp_path / "store.h5")
 
 
@@ -146,7 +146,7 @@ def test_disk_full_while_writing_a_store_leaves_nothing(setup, tmp_path, monkeyp
     monkeypatch.setattr(StoreWriter, "append_rows", full)
     out = tmp_path / "x" / "store.h5"
     with pytest.raises(OSError, match=r"No space left on device.*000000000-000000005\.h5\.partial") as e:
-        stages.extract(manifest, cfg["models"]["tiny"], out)
+        stages.extract.extract(manifest, cfg["models"]["tiny"], out)
     assert e.value.errno == errno.ENOSPC
     assert sorted(p.name for p in out.parent.rglob("*") if p.is_file()) == []  # no partial, no final
 
@@ -274,7 +274,7 @@ def patch_outputs(folder: Path) -> dict[str, bytes]:
 
 
 def run_patch(work, cfg, folder):
-    stages.patch(work / "ref" / "store.h5", work / "corpus" / "manifest.tsv", cfg["models"]["tiny"],
+    stages.patch.patch(work / "ref" / "store.h5", work / "corpus" / "manifest.tsv", cfg["models"]["tiny"],
                  {"source": "sad", "target": "happy"}, cfg["patch"], "label", folder / "pairs.tsv",
                  folder / "effects.tsv", folder / "summary.tsv", folder / "agreement.tsv")
 
@@ -293,7 +293,7 @@ def test_patching_killed_while_writing_its_tables_reruns_to_the_same_tables(setu
                 die()
             return real(self, path, *a, **k)
         pd.DataFrame.to_csv = to_csv
-        stages.patch(Path("ref/store.h5"), manifest, cfg["models"]["tiny"], {{"source": "sad", "target": "happy"}},
+        stages.patch.patch(Path("ref/store.h5"), manifest, cfg["models"]["tiny"], {{"source": "sad", "target": "happy"}},
                      cfg["patch"], "label", *[Path({str(out)!r}) / n for n in
                      ("pairs.tsv", "effects.tsv", "summary.tsv", "agreement.tsv")])
     """)

@@ -113,7 +113,7 @@ def stage_setup(tmp_path_factory):
     model = bench_scale.make_model(work / "model")
     manifest = bench_scale.make_corpus(work / "corpus", n_speakers=2, n_sentences=2)
     cfg = bench_scale.workflow_config(model)
-    stages.extract(manifest, cfg["models"]["tiny"], work / "store.h5")
+    stages.extract.extract(manifest, cfg["models"]["tiny"], work / "store.h5")
     return work, manifest, cfg
 
 
@@ -125,7 +125,7 @@ def run_patch_stage(stage_setup, corruption):
     work, manifest, cfg = stage_setup
     out = work / corruption
     params = {**cfg["patch"], "corruption": corruption, "attribution": False, "seed": cfg["patch"].get("seed", 0)}
-    stages.patch(work / "store.h5", manifest, cfg["models"]["tiny"], {"source": "sad", "target": "happy"}, params,
+    stages.patch.patch(work / "store.h5", manifest, cfg["models"]["tiny"], {"source": "sad", "target": "happy"}, params,
                  "label", out / "pairs.tsv", out / "effects.tsv", out / "summary.tsv")
     return tuple(pd.read_csv(out / name, sep="\t") for name in ("pairs.tsv", "effects.tsv", "summary.tsv"))
 

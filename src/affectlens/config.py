@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from affectlens.models.sites import SiteError, parse_site
+from affectlens.models.sites import SiteError, parse_pattern
 
 
 class ConfigError(ValueError):
@@ -42,6 +42,19 @@ def check_config(config: dict) -> None:
                         if emotions and label not in emotions:
                             raise ConfigError(f"studies.{name}.contrasts[{i}] names label {label!r}, which dataset "
                                               f"{ds!r} does not have (datasets.{ds}.demo.emotions = {emotions})")
+    steer = config.get("steer", {})
+    for name in steer.get("judge_models", []):
+        if name not in config["models"]:
+            raise ConfigError(f"steer.judge_models names {name!r}, which is not a key of models "
+                              f"({sorted(config['models'])})")
+    if "gain" in steer.get("controls", []) and "diff_of_means" not in steer.get("methods", ["diff_of_means"]):
+        raise ConfigError("steer.controls lists gain, which matches the level of the diff_of_means edit: list "
+                          "diff_of_means in steer.methods, or leave gain out")
+    if steer.get("hear_site", "last") not in ("last", "steer"):
+        try:
+            parse_pattern(steer["hear_site"])
+        except SiteError as e:
+            raise ConfigError(f"steer.hear_site: {e}") from None
     for name, m in config["models"].items():
         site = sae_steer_site(config, m)
         if site and site not in m.get("sae_sites", []):
@@ -52,6 +65,6 @@ def check_config(config: dict) -> None:
         keys += [(k, m[k]) for k in ("readout_site", "steer_site") if m.get(k)]
         for key, site in keys:
             try:
-                parse_site(site.replace("*", "0"))
+                parse_pattern(site)
             except SiteError as e:
                 raise ConfigError(f"models.{name}.{key}: {e}") from None

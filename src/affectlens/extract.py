@@ -29,6 +29,8 @@ import shutil
 import time
 from importlib import metadata
 from pathlib import Path
+
+from affectlens.naming import shard_name
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
@@ -96,7 +98,7 @@ def shard_paths(dataset: str, model: str, n_shards: int) -> list[str]:
     """The workflow's shard stores of a model sharded `n_shards` ways (none when unsharded)."""
     if n_shards == 1:
         return []
-    return [f"results/extract_shard/{dataset}/{model}/{i}-of-{n_shards}.h5" for i in range(n_shards)]
+    return [f"results/extract_shard/{dataset}/{model}/{shard_name(i, n_shards)}.h5" for i in range(n_shards)]
 
 
 def weight_files(source: str) -> list[str]:

@@ -98,9 +98,18 @@ def model_cfg(wildcards):
 
 
 def steer_inputs(wildcards):
-    """The SAE at the steer site, for the steering method `sae` (config.py checks it is trained)."""
+    """The SAE at the steer site, for the steering method `sae` (config.py checks it is trained),
+    and the stores of the judge models (steer.judge_models) on the same dataset."""
     site = sae_steer_site(config, config["models"][wildcards.model])
-    return {"sae": f"results/sae/{wildcards.dataset}/{wildcards.model}/{site}"} if site else {}
+    out = {"sae": f"results/sae/{wildcards.dataset}/{wildcards.model}/{site}"} if site else {}
+    for name in config["steer"]["judge_models"]:
+        out[f"judge_{name}"] = f"results/extract/{wildcards.dataset}/{name}.h5"
+    return out
+
+
+def judge_models(wildcards):
+    """{name: model config} of steer.judge_models."""
+    return {name: config["models"][name] for name in config["steer"]["judge_models"]}
 
 
 def contrast_of(wildcards):

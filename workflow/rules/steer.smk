@@ -16,6 +16,7 @@ rule steer:
         model=model_cfg,
         contrast=contrast_of,
         steer=config["steer"],
+        judge_models=judge_models,
         label_column=lambda w: config["datasets"][w.dataset]["label_column"],
     log:
         "logs/steer/{dataset}/{model}/{contrast}.log",

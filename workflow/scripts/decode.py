@@ -4,5 +4,5 @@ sys.path.insert(0, f"{snakemake.scriptdir}/../../src")  # the package, also insi
 from affectlens import stages  # noqa: E402
 
 with stages.logged(snakemake.log[0], snakemake.threads):
-    stages.decode(snakemake.input.manifest, snakemake.params.dataset, snakemake.output.audio, snakemake.output.frames,
+    stages.data.decode(snakemake.input.manifest, snakemake.params.dataset, snakemake.output.audio, snakemake.output.frames,
                   snakemake.output.manifest, snakemake.output.rejected, threads=snakemake.threads)

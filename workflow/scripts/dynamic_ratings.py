@@ -4,5 +4,5 @@ sys.path.insert(0, f"{snakemake.scriptdir}/../../src")  # the package, also insi
 from affectlens import stages  # noqa: E402
 
 with stages.logged(snakemake.log[0]):
-    stages.dynamic_ratings(snakemake.input.raw[0], snakemake.input.manifest, snakemake.wildcards.dataset,
+    stages.data.dynamic_ratings(snakemake.input.raw[0], snakemake.input.manifest, snakemake.wildcards.dataset,
                            snakemake.params.dataset, snakemake.output.ratings)

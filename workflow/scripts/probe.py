@@ -5,7 +5,7 @@ from affectlens import stages  # noqa: E402
 
 with stages.logged(snakemake.log[0], snakemake.threads):
     out = snakemake.output
-    stages.probe(snakemake.input.store, snakemake.input.manifest, snakemake.params.probe,
+    stages.probe.probe(snakemake.input.store, snakemake.input.manifest, snakemake.params.probe,
                  snakemake.params.label_column, out.sweep, out.confusion, out.curve, threads=snakemake.threads,
                  pairs=snakemake.params.pairs, readout_site=snakemake.params.readout_site,
                  acoustic=snakemake.input.acoustic or None, out_folds=out.folds,

@@ -5,6 +5,6 @@ from affectlens import stages  # noqa: E402
 
 with stages.logged(snakemake.log[0], snakemake.threads):
     out = snakemake.output
-    stages.probe_dynamic(snakemake.input.store, snakemake.input.manifest, snakemake.input.ratings,
+    stages.probe.probe_dynamic(snakemake.input.store, snakemake.input.manifest, snakemake.input.ratings,
                          snakemake.params.settings, out.table, out.predictions, out.plot,
                          alphas=snakemake.params.alphas, threads=snakemake.threads)

@@ -4,4 +4,4 @@ sys.path.insert(0, f"{snakemake.scriptdir}/../../src")  # the package, also insi
 from affectlens import stages  # noqa: E402
 
 with stages.logged(snakemake.log[0], snakemake.threads):
-    stages.raw(snakemake.wildcards.dataset, snakemake.params.dataset, snakemake.output[0])
+    stages.data.raw(snakemake.wildcards.dataset, snakemake.params.dataset, snakemake.output[0])

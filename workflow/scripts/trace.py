@@ -4,6 +4,6 @@ sys.path.insert(0, f"{snakemake.scriptdir}/../../src")  # the package, also insi
 from affectlens import stages  # noqa: E402
 
 with stages.logged(snakemake.log[0], snakemake.threads):
-    stages.trace(snakemake.input.manifest, snakemake.params.dataset, snakemake.params.model, snakemake.params.trace,
+    stages.patch.trace(snakemake.input.manifest, snakemake.params.dataset, snakemake.params.model, snakemake.params.trace,
                  snakemake.output.table, snakemake.output.pairs,
                  snakemake.output.summary, snakemake.output.heatmaps)

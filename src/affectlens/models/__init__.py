@@ -52,3 +52,15 @@ def load_adapter(family: str, source: str, device: str = "cpu", dtype: str = "fl
         kwargs["towers"] = tuple(dict.fromkeys([t for t in towers if t not in optional] + sorted(optional)))
     kwargs.update({k: v for k, v in (options or {}).items() if k in getattr(cls, "config_keys", ())})
     return cls.from_source(source, **kwargs)
+
+
+def build_adapter(model) -> Adapter:
+    """The one way a stage or the CLI builds the model a config entry describes (a `ModelConfig`
+    or its mapping): family, weights, revision, device or device_map, the towers its sites name,
+    and the family's own options. Extraction, patching, steering, SAE fidelity and tracing all
+    run the model that extraction stored."""
+    from affectlens.settings import ModelConfig
+
+    m = ModelConfig.from_dict(model)
+    return load_adapter(m.family, m.source, device=m.device, dtype=m.dtype, revision=m.revision,
+                        device_map=m.device_map, towers=m.towers, options=m.options())

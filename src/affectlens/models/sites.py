@@ -72,6 +72,35 @@ def parse_site(text: str) -> Site:
     return Site(tower, int(m["block"]), point)
 
 
+@dataclass(frozen=True)
+class SitePattern:
+    """`{tower}.blocks.*.{point}`: one point in every block of a tower."""
+
+    tower: str
+    point: str
+
+    def __str__(self) -> str:
+        return f"{self.tower}.blocks.*.{self.point}"
+
+    def expand(self, n_blocks: int) -> list[Site]:
+        return [Site(self.tower, b, self.point) for b in range(n_blocks)]
+
+
+_PATTERN = re.compile(r"^(?P<tower>[a-z]+)\.blocks\.\*\.(?P<point>[a-z_]+)$")
+
+
+def parse_pattern(text: str) -> Site | SitePattern:
+    """A site, or a pattern with `*` in the block position, checked against the grammar."""
+    m = _PATTERN.match(text.strip())
+    if m is None:
+        return parse_site(text)
+    if m["tower"] not in TOWERS:
+        raise SiteError(f"site pattern {text!r}: unknown tower {m['tower']!r}; towers are {TOWERS}")
+    if m["point"] not in POINTS:
+        raise SiteError(f"site pattern {text!r}: unknown point {m['point']!r}; points are {POINTS}")
+    return SitePattern(m["tower"], m["point"])
+
+
 def expand_sites(patterns: list[str], n_blocks: dict[str, int]) -> list[str]:
     """Expand `*` in the block position (`encoder.blocks.*.resid_post`) and check every site
     against the model's depth. Returns canonical strings, sorted by tower then depth, deduplicated."""
@@ -79,13 +108,12 @@ def expand_sites(patterns: list[str], n_blocks: dict[str, int]) -> list[str]:
     for pattern in patterns:
         if pattern.strip() == "latent" and "latent" not in n_blocks:
             raise SiteError(f"site 'latent': this model has no latent sequence; it has the towers {sorted(n_blocks)}")
-        if ".blocks.*." in pattern:
-            tower = pattern.split(".", 1)[0]
-            if tower not in n_blocks:
-                raise SiteError(f"site {pattern!r}: this model has no tower {tower!r}; it has {sorted(n_blocks)}")
-            out.update(parse_site(pattern.replace("*", str(b))) for b in range(n_blocks[tower]))
+        site = parse_pattern(pattern)
+        if isinstance(site, SitePattern):
+            if site.tower not in n_blocks:
+                raise SiteError(f"site {pattern!r}: this model has no tower {site.tower!r}; it has {sorted(n_blocks)}")
+            out.update(site.expand(n_blocks[site.tower]))
             continue
-        site = parse_site(pattern)
         if site.tower not in n_blocks:
             raise SiteError(f"site {pattern!r}: this model has no tower {site.tower!r}; it has {sorted(n_blocks)}")
         if site.block >= n_blocks[site.tower]:

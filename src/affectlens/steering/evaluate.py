@@ -66,6 +66,20 @@ def _frame_rms_db(w: np.ndarray, sr: int) -> np.ndarray:
     return 20 * np.log10(rms + _EPS)
 
 
+def active_level_db(wave: np.ndarray, sr: int) -> float:
+    """Active speech level (dBFS): mean frame level over frames within 30 dB of the loudest, so that
+    pauses do not count."""
+    frame_db = _frame_rms_db(_as_mono_float(wave), sr)
+    return float(frame_db[frame_db > frame_db.max() - 30].mean())
+
+
+def relevel(wave: np.ndarray, sr: int, level_db: float) -> np.ndarray:
+    """The wave scaled so that its `active_level_db` is `level_db` (float, may exceed full scale: it is
+    read by judges, not written)."""
+    w = _as_mono_float(wave)
+    return (w * 10 ** ((level_db - active_level_db(w, sr)) / 20)).astype(np.float32)
+
+
 def _f0_stats(f0: np.ndarray, voiced: np.ndarray) -> dict[str, float]:
     v = f0[voiced & np.isfinite(f0)]
     if len(v) == 0:
@@ -92,13 +106,11 @@ def prosody(wave: np.ndarray, sr: int) -> dict[str, float]:
     """
     w = _as_mono_float(wave)
     f0, voiced = pitch_track(w, sr)
-    frame_db = _frame_rms_db(w, sr)
-    active = frame_db[frame_db > frame_db.max() - 30]
     return {
         **_f0_stats(f0, voiced),
         "voiced_fraction": float(voiced.mean()),
         "rms_db": float(10 * np.log10(np.mean(w.astype(np.float64) ** 2) + _EPS)),
-        "active_rms_db": float(active.mean()),
+        "active_rms_db": active_level_db(w, sr),
         "duration_s": len(w) / sr,
     }
 
@@ -110,6 +122,11 @@ ACOUSTIC_FEATURE_NAMES = (
     + ["log2_f0_mean", "f0_std_st", "f0_range_st", "voiced_fraction",
        "rms_db_mean", "rms_db_std", "rms_db_range"]
 )
+
+
+LEVEL_FEATURES = ("mfcc0_mean", "rms_db_mean")
+"""Features that move with the absolute level (c0 of the MFCC is the log energy): a judge of
+emotion in steered audio leaves them out, so that turning the volume up cannot read as anger."""
 
 
 def acoustic_features(wave: np.ndarray, sr: int) -> np.ndarray:
@@ -145,14 +162,25 @@ class AcousticJudge:
     """An emotion classifier on acoustic features alone: standardise + logistic regression.
 
     Fit on the corpus's real clips; then `predict_proba` on steered clips tells whether the sound
-    moved toward the target emotion, independently of the model that was steered.
+    moved toward the target emotion, independently of the model that was steered. `level_free`
+    (default) leaves out the features that move with absolute level (`LEVEL_FEATURES`); the
+    features it reads are `ACOUSTIC_FEATURE_NAMES` minus those, and `fit_features` /
+    `predict_proba_features` take full `acoustic_features` rows and select them.
     """
 
-    def __init__(self, C: float = 1.0, max_iter: int = 2000, sr: int = 16000, n_jobs: int = 1):
+    def __init__(self, C: float = 1.0, max_iter: int = 2000, sr: int = 16000, n_jobs: int = 1,
+                 level_free: bool = True):
         self.C = C
         self.max_iter = max_iter
         self.sr = sr
         self.n_jobs = n_jobs
+        self.level_free = level_free
+
+    @property
+    def columns(self) -> np.ndarray:
+        """Indices into ACOUSTIC_FEATURE_NAMES of the features the judge reads."""
+        drop = LEVEL_FEATURES if self.level_free else ()
+        return np.array([i for i, n in enumerate(ACOUSTIC_FEATURE_NAMES) if n not in drop])
 
     def features(self, waves: list[np.ndarray]) -> np.ndarray:
         return acoustic_feature_matrix(waves, self.sr, self.n_jobs)
@@ -169,7 +197,7 @@ class AcousticJudge:
             raise ValueError(f"the judge needs at least two classes, got {np.unique(labels).tolist()}")
         self.pipeline_: Pipeline = make_pipeline(
             StandardScaler(), LogisticRegression(C=self.C, max_iter=self.max_iter))
-        self.pipeline_.fit(features, labels)
+        self.pipeline_.fit(np.asarray(features)[:, self.columns], labels)
         self.classes_ = self.pipeline_.classes_
         return self
 
@@ -180,12 +208,12 @@ class AcousticJudge:
     def predict_proba(self, waves: list[np.ndarray]) -> np.ndarray:
         """[clip, class] probabilities, columns in `classes_` order."""
         self._check()
-        return self.pipeline_.predict_proba(self.features(waves))
+        return self.predict_proba_features(self.features(waves))
 
     def predict(self, waves: list[np.ndarray]) -> np.ndarray:
         self._check()
-        return self.pipeline_.predict(self.features(waves))
+        return self.pipeline_.predict(self.features(waves)[:, self.columns])
 
     def predict_proba_features(self, features: np.ndarray) -> np.ndarray:
         self._check()
-        return self.pipeline_.predict_proba(features)
+        return self.pipeline_.predict_proba(np.asarray(features)[:, self.columns])

@@ -488,39 +488,71 @@ def _fit_length(wave: np.ndarray, n: int) -> np.ndarray:
     return np.pad(wave[:n], (0, max(0, n - len(wave)))).astype(np.float32)
 
 
-def invert(mapper: MelMapper, frames: np.ndarray, steered: np.ndarray, wave: np.ndarray,
-           mode: InversionMode = "residual", n_iter: int | None = None, vocoder=None,
-           sr: int | None = None) -> np.ndarray:
-    """Steered activations -> wave at `sr` (the clip's rate; default the mapper's).
+def predicted_change(mapper: MelMapper, frames: np.ndarray, steered: np.ndarray) -> np.ndarray:
+    """The log-mel change [upsample*frame, n_mels] on the mapper's grid that the mapper predicts for
+    activations `frames` becoming `steered`: mapper(steered) - mapper(frames)."""
+    if frames.shape != steered.shape:
+        raise ValueError(f"steered activations {steered.shape} differ in shape from the clip's {frames.shape}")
+    return mapper.predict(steered) - mapper.predict(frames)
 
-    direct: `vocoder` (default Griffin-Lim, `n_iter` 64) of the mapper's prediction, as long as the
-    activations last. residual: the clip filtered by the predicted mel change, keeping its own
-    phase (`apply_mel_change`, `n_iter` Griffin-Lim steps, default 0), as long as `wave`;
-    unsteered it is the clip. vocoded: `vocoder` of the clip's own mel plus the predicted change,
-    as long as `wave`; unsteered it is the vocoder's resynthesis of the clip, which a neural
-    vocoder renders with natural phase and, unlike filtering, can re-voice (the change may move
-    harmonics the mel resolves). The vocoder must read the mapper's mel format
-    (`MelMapper.for_vocoder`); waves at another rate are resampled to it and back.
-    """
-    _check_inputs(mapper, frames, steered, mode, vocoder)
+
+def change_dependence(change: np.ndarray, upsample: int = 1) -> float:
+    """How much a clip's mel change [grid frame, n_mels] varies over its activation frames (each
+    `upsample` grid frames): the norm of what is left after subtracting its mean over frames,
+    relative to the norm of the change. 0: one fixed spectral curve on every frame, i.e. an
+    equaliser plus gain; towards 1: the change differs from frame to frame. NaN for a zero change."""
+    c = np.asarray(change, dtype=np.float64)
+    c = c[: len(c) // upsample * upsample].reshape(len(c) // upsample, -1)
+    total = np.linalg.norm(c)
+    if total == 0:
+        return float("nan")
+    return float(np.linalg.norm(c - c.mean(0, keepdims=True)) / total)
+
+
+def render_change(mapper: MelMapper, frames: np.ndarray, change: np.ndarray, wave: np.ndarray,
+                  mode: InversionMode = "residual", n_iter: int | None = None, vocoder=None,
+                  sr: int | None = None) -> np.ndarray:
+    """A clip (wave at `sr`, default the mapper's; activations `frames` at the mapper's site) with a
+    log-mel change [grid frame, n_mels] on the mapper's grid applied, as a wave at `sr`.
+
+    residual: the clip filtered by the change, keeping its own phase (`apply_mel_change`, `n_iter`
+    Griffin-Lim steps, default 0), as long as `wave`; a zero change returns the clip. vocoded:
+    `vocoder` of the clip's own mel plus the change, as long as `wave`; a zero change is the
+    vocoder's resynthesis of the clip, which a neural vocoder renders with natural phase and, unlike
+    filtering, can re-voice. direct: `vocoder` of the mapper's prediction from `frames` plus the
+    change, as long as the activations last (what the mapper cannot represent is lost). The vocoder
+    (default Griffin-Lim, `n_iter` 64) must read the mapper's mel format (`MelMapper.for_vocoder`);
+    waves at another rate are resampled to it and back. Model edits and model-free controls (a
+    fixed mel shift) go through this same function, so they differ only in the change."""
+    _check_inputs(mapper, frames, frames, mode, vocoder)
     cfg = mapper.mel_config
     sr = sr or mapper.sr
     if mode != "residual":
         vocoder = vocoder or _griffin_lim(cfg, 64 if n_iter is None else n_iter)
     if mode == "direct":
-        out = vocoder(mapper.vocoder_mel(mapper.predict(steered)))
+        out = vocoder(mapper.vocoder_mel(mapper.predict(frames) + change))
         n = round(len(frames) * mapper.upsample / mapper.grid_rate * sr)
         return _fit_length(resample(out, cfg.sr, sr), n)
-    delta = mapper.vocoder_mel(mapper.predict(steered) - mapper.predict(frames))
+    delta = mapper.vocoder_mel(change)
     own = resample(wave, sr, cfg.sr).astype(np.float32)
     if mode == "residual":
         out = apply_mel_change(own, delta, cfg, n_iter=0 if n_iter is None else n_iter)
         return out if sr == cfg.sr else _fit_length(resample(out, cfg.sr, sr), len(wave))
     true = log_mel(own, cfg)
-    change = np.zeros_like(true)
+    shifted = np.zeros_like(true)
     k = min(len(delta), len(true))
-    change[:k] = delta[:k]
-    return _fit_length(resample(vocoder(true + change), cfg.sr, sr), len(wave))
+    shifted[:k] = delta[:k]
+    return _fit_length(resample(vocoder(true + shifted), cfg.sr, sr), len(wave))
+
+
+def invert(mapper: MelMapper, frames: np.ndarray, steered: np.ndarray, wave: np.ndarray,
+           mode: InversionMode = "residual", n_iter: int | None = None, vocoder=None,
+           sr: int | None = None) -> np.ndarray:
+    """Steered activations -> wave at `sr` (the clip's rate; default the mapper's): the change the
+    mapper predicts (`predicted_change`) rendered by `render_change` (see there for the modes)."""
+    _check_inputs(mapper, frames, steered, mode, vocoder)
+    return render_change(mapper, frames, predicted_change(mapper, frames, steered), wave, mode=mode, n_iter=n_iter,
+                         vocoder=vocoder, sr=sr)
 
 
 def _griffin_lim(cfg: MelConfig, n_iter: int):

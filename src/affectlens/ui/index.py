@@ -18,9 +18,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from affectlens.naming import PRIMARY_METHOD, parse_steered_wav_name
+
 NO_STUDY = "(no study)"
-# {clip}__alpha{a}.wav (difference of means) or {clip}__m-{method}__alpha{a}.wav (other methods)
-_ALPHA = re.compile(r"^(?P<clip>.+?)(?:__m-(?P<method>[a-z_]+))?__alpha(?P<alpha>[-+0-9.eE]+|nan|inf)\.wav$")
 _CONTRAST = re.compile(r"^[A-Za-z0-9_]+-to-[A-Za-z0-9_]+$")
 PROBE_FIGURES = ["layer_curve", "time_curve", "confusion", "projection"]  # shown in this order, others after
 AUDIO_SUFFIXES = (".flac", ".wav", ".mp3", ".ogg")
@@ -40,9 +40,9 @@ def alpha_grid(audio_dir: Path) -> tuple[list[str], dict[str, dict[str, Path]]]:
     labels are spelled as in the file names (`f"{alpha:g}"`), so they round-trip to the files."""
     clips: dict[str, dict[str, Path]] = {}
     for wav in sorted(audio_dir.glob("*.wav")) if audio_dir.is_dir() else []:
-        m = _ALPHA.match(wav.name)
-        if m and not m["method"]:
-            clips.setdefault(m["clip"], {})[m["alpha"]] = wav
+        m = parse_steered_wav_name(wav.name)
+        if m and m.method == PRIMARY_METHOD:
+            clips.setdefault(m.clip, {})[m.alpha] = wav
     labels = sorted({a for per in clips.values() for a in per}, key=float)
     return labels, clips
 

@@ -46,8 +46,6 @@ def steer_listen_page(steer_dir, decode_manifest, out_html, title: str | None = 
     """Write out_html: per steered clip, the original (decoded) audio and the steered audio of
     every alpha, each with the judges' numbers from evaluation.tsv; the run's summary.tsv on top.
     Returns the number of players on the page."""
-    from affectlens.stages import steered_wav_name
-
     steer_dir = Path(steer_dir)
     ev = pd.read_csv(steer_dir / "evaluation.tsv", sep="\t", dtype={"output": str})
     summary = pd.read_csv(steer_dir / "summary.tsv", sep="\t", dtype={"output": str})
@@ -62,6 +60,14 @@ def steer_listen_page(steer_dir, decode_manifest, out_html, title: str | None = 
              + "".join(f"<th>{html.escape(c)}</th>" for c in summary.columns) + "</tr>"]
     for r in summary.itertuples(index=False):
         parts.append("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in r) + "</tr>")
+    versus = steer_dir / "controls.tsv"
+    if versus.exists():
+        c = pd.read_csv(versus, sep="\t")
+        c = c[c.control == "best_control"]
+        parts.append("</table><h2>Methods against the best control (paired over clips, 95 % interval)</h2><table><tr>"
+                     + "".join(f"<th>{html.escape(k)}</th>" for k in c.columns) + "</tr>")
+        for r in c.itertuples(index=False):
+            parts.append("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in r) + "</tr>")
     parts.append("</table><h2>Clips</h2>")
     n_players = 0
     for clip_id, g in ev.groupby("clip_id", sort=False):
@@ -70,15 +76,17 @@ def steer_listen_page(steer_dir, decode_manifest, out_html, title: str | None = 
         parts.append(f"<h3>{html.escape(str(clip_id))} (speaker {html.escape(str(spk))})</h3>"
                      f"<p class='ref'>transcript of the original: {html.escape(str(ref))}</p>")
         parts.append(f"<table><tr><th>output</th><th>audio</th>{head}<th>transcript</th></tr>")
+        g = g[(g.output != "0") | ~g.duplicated("output")]  # alpha 0 is one file, shared by every method
         for r in g.to_dict("records"):
             if r["output"] == "original":
                 path = Path(str(manifest.loc[str(clip_id), "path"]))
-            else:
-                method = r.get("method", "diff_of_means")
-                path = steer_dir / "audio" / steered_wav_name(str(clip_id), method, float(r["alpha"]))
+            else:  # the file the stage wrote for this row (alpha 0 is one file shared by every method)
+                path = steer_dir / "audio" / str(r["file"])
             player = audio_tag(path) if path.exists() else f"<em>missing: {html.escape(str(path))}</em>"
             n_players += path.exists()
-            label = "original" if r["output"] == "original" else f"{r.get('method', '')} α = {float(r['alpha']):g}"
+            seed = "" if pd.isna(r.get("seed", np.nan)) else f" seed {int(r['seed'])}"
+            label = ("original" if r["output"] == "original"
+                     else f"{r.get('kind', '')} {r.get('method', '')}{seed} α = {float(r['alpha']):g}")
             parts.append(f"<tr><td>{label}</td><td>{player}</td>"
                          + "".join(f"<td>{_fmt(r[c])}</td>" for c in cols)
                          + f"<td>{html.escape(str(r.get('transcript', '')))}</td></tr>")

@@ -13,29 +13,38 @@ import pandas as pd  # noqa: E402
 from affectlens.io import atomic_path  # noqa: E402
 
 
+CONTROL_STYLE = {"gain": ("0.45", "v"), "mel_shift": ("0.2", "D"), "random": ("0.65", "x")}
+
+
 def plot_dose_response(summary: pd.DataFrame, path: str | Path, title: str = "") -> Path:
-    """Three panels over alpha, one colour per steering method: judged probability of the target
-    label (solid: the acoustic judge, dashed: the model probe; dotted: the original clips), pitch
-    (solid) and level (dashed) change, word error rate."""
+    """Panels over alpha, one colour per steering method and a grey line per control (dashed):
+    one panel per judge's P(target) (the original audio as a dotted line), the level change and
+    the pitch change against alpha = 0, and the word error rate."""
     summary = summary if "method" in summary else summary.assign(method="diff_of_means")
+    summary = summary if "kind" in summary else summary.assign(kind="method")
     steered = summary[summary.output != "original"].sort_values("alpha")
     original = summary[summary.output == "original"].iloc[0]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), constrained_layout=True)
-    for i, (method, g) in enumerate(steered.groupby("method", sort=False)):
-        c = f"C{i}"
-        axes[0].plot(g.alpha, g.p_target_acoustic, "o-", color=c, label=f"{method}: acoustic judge")
-        axes[0].plot(g.alpha, g.p_target_model_probe, "s--", color=c, label=f"{method}: model probe")
-        axes[1].plot(g.alpha, g.f0_change_st, "o-", color=c, label=f"{method}: F0 (st)")
-        axes[1].plot(g.alpha, g.rms_change_db, "s--", color=c, label=f"{method}: level (dB)")
-        axes[2].plot(g.alpha, g.wer_vs_original, "o-", color=c, label=method)
-    for col, ls in (("p_target_acoustic", ":"), ("p_target_model_probe", "-.")):
-        axes[0].axhline(original[col], color="grey", ls=ls, lw=1)
-    axes[0].set(xlabel="alpha", ylabel="P(target)", ylim=(-0.02, 1.02), title="target shift (grey: original audio)")
-    axes[1].axhline(0, color="grey", lw=0.8)
-    axes[1].set(xlabel="alpha", title="prosody vs alpha = 0")
-    axes[2].set(xlabel="alpha", ylabel="WER", title="content kept (WER vs original transcript)")
-    for ax in axes:
-        ax.legend(fontsize=7)
+    judges = [c for c in summary.columns if c.startswith("p_target_")]
+    panels = [(j, f"P(target), {j.removeprefix('p_target_').replace('_', ' ')} judge") for j in judges]
+    panels += [("rms_change_db", "level change vs alpha = 0 (dB)"), ("f0_change_st", "F0 change vs alpha = 0 (st)"),
+               ("wer_vs_original", "WER vs the words said")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.6), constrained_layout=True)
+    methods = [m for m in dict.fromkeys(steered.method) if (steered[steered.method == m].kind == "method").all()]
+    for ax, (col, name) in zip(axes, panels):
+        for i, m in enumerate(methods):
+            g = steered[steered.method == m]
+            ax.plot(g.alpha, g[col], "o-", color=f"C{i}", label=m)
+        for m, g in steered[steered.kind == "control"].groupby("method", sort=False):
+            colour, marker = CONTROL_STYLE.get(m, ("0.5", "."))
+            ax.plot(g.alpha, g[col], marker=marker, ls="--", color=colour, label=f"control: {m}")
+        if col.startswith("p_target_"):
+            ax.axhline(original[col], color="grey", ls=":", lw=1)
+            ax.set_ylim(-0.02, 1.02)
+        elif col != "wer_vs_original":
+            ax.axhline(0, color="grey", lw=0.8)
+        ax.set(xlabel="alpha", title=name)
+        ax.title.set_fontsize(9)
+    axes[0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120)

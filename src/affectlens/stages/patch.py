@@ -1,0 +1,196 @@
+"""Stages of workflow/rules/patch.smk: patch, heatmaps, trace."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from affectlens.stages.common import write_tsv
+
+from affectlens.models import build_adapter
+from affectlens.settings import ModelConfig
+from affectlens.settings import readout_site as pick_readout
+
+log = logging.getLogger("affectlens")
+
+
+def patch(store_path, manifest_path, model_cfg: dict, contrast: dict, params: dict, label_column: str,
+          out_pairs, out_effects, out_summary, out_agreement=None) -> None:
+    """Exact patching (and, with `attribution`, its gradient estimate on the same grid) of every
+    stored site × time window for one contrast. The corrupt run comes from `corruption`: the
+    paired clip (`pairs`), the clean clip with embedding noise (`noise`) or the clean clip with its
+    prosody neutralised (`prosody_neutral`)."""
+    from tqdm import tqdm
+
+    from affectlens.data.decode import decode_clip
+    from affectlens.data.manifest import read_manifest
+    from affectlens.patching.attribution import agreement, attribute_pair
+    from affectlens.patching.counterfactuals import corpus_std, embedding_noise, prosody_neutral, speaking_rate
+    from affectlens.patching.pairs import draw_over_speakers, make_pairs, self_pairs
+    from affectlens.patching.patch import ProbeLogitDiff, patch_pair, summarise, time_windows
+    from affectlens.probes.sweep import fit_readout
+    from affectlens.store import Store
+
+    corruption = params.get("corruption", "pairs")
+    manifest = read_manifest(manifest_path)
+    adapter = build_adapter(model_cfg)
+    embed = f"{next(iter(adapter.n_blocks))}.embed"
+    noise_sigma = np.nan
+    with Store(store_path) as store:
+        # a prompt forward never reaches towers read from a generation run (Qwen-Omni's Talker)
+        generated = set(getattr(adapter, "generated_towers", ()))
+        sites = [s for s in store.sites if s.split(".", 1)[0] not in generated]
+        if len(sites) < len(store.sites):
+            log.info("patching skips %s: read while speech is generated, not by the prompt forward",
+                     sorted(set(store.sites) - set(sites)))
+        readout_site = pick_readout(ModelConfig.from_dict(model_cfg), store.sites, generated)
+        probe = fit_readout(store, manifest, readout_site, label_column=label_column)
+        if corruption == "noise":
+            if embed not in sites:
+                raise ValueError(f"patch.corruption: noise scales the noise by the corpus std of {embed}, which "
+                                 f"{store_path} lacks: add {embed!r} to the model's `sites`")
+            noise_sigma = params.get("noise_factor", 3.0) * corpus_std(store.frame_chunks(embed))
+    weight, bias, classes = probe.readout()
+    metric = ProbeLogitDiff.from_readout(readout_site, weight, bias, classes, contrast["source"], contrast["target"])
+    if corruption == "pairs":
+        pairs = make_pairs(manifest, contrast["source"], contrast["target"], params["n_pairs"], params["seed"],
+                           label_column=label_column)
+    else:
+        pairs = self_pairs(manifest, contrast["target"], params["n_pairs"], params["seed"], label_column=label_column)
+    described = {"pairs": f"paired {contrast['source']} clip (same pair_key)",
+                 "noise": f"N(0, sigma = {params.get('noise_factor', 3.0):g} x corpus std of {embed} = {noise_sigma:.4g}) "
+                          f"on {embed}",
+                 "prosody_neutral": "the clip with rate equalised, pitch and energy flattened"}[corruption]
+    log.info("corruption: %s", described)
+    pairs = pairs.assign(corruption=corruption, noise_sigma=noise_sigma)
+    by_id = manifest.set_index("clip_id")
+    reference_rate = None
+    if corruption == "prosody_neutral":
+        # The corpus's typical speaking rate, from a speaker-spread draw over all labels.
+        sample = draw_over_speakers(manifest, params.get("rate_reference_clips", 32), params["seed"])
+        reference_rate = float(np.median([speaking_rate(decode_clip(p), adapter.sample_rate) for p in sample["path"]]))
+        log.info("prosody_neutral: reference speaking rate %.2f onsets/s over %d clips", reference_rate, len(sample))
+        pairs = pairs.assign(reference_rate=reference_rate)
+    write_tsv(pairs, out_pairs)
+    size = int(round(params["window_s"] * adapter.frame_rate))
+    stride = max(1, int(round(params["stride_s"] * adapter.frame_rate)))
+    max_batch = params.get("max_batch", 16)
+    effects = []
+    for pair in tqdm(pairs.itertuples(), total=len(pairs), desc="patch pairs", unit="pair"):
+        clean_wave = decode_clip(by_id.loc[pair.clean_clip, "path"])
+        corrupt_wave = clean_wave if corruption != "pairs" else decode_clip(by_id.loc[pair.corrupt_clip, "path"])
+        if corruption == "prosody_neutral":
+            corrupt_wave = prosody_neutral(clean_wave, adapter.sample_rate, reference_rate)
+        clean, corrupt = adapter.prepare([clean_wave]), adapter.prepare([corrupt_wave])
+        noise = ({embed: embedding_noise(noise_sigma, corrupt.n_frames, seed=params["seed"])}
+                 if corruption == "noise" else None)
+        windows = time_windows(max(clean.n_frames[0], corrupt.n_frames[0]), size, stride)
+        df = patch_pair(adapter, clean, corrupt, sites, windows, metric, max_batch, corrupt_interventions=noise)
+        if params.get("attribution", True):
+            df = pd.concat([df, attribute_pair(adapter, clean, corrupt, sites, windows, metric, noise)],
+                           ignore_index=True)
+        df.insert(0, "pair_id", pair.pair_id)
+        effects.append(df)
+    effects = pd.concat(effects, ignore_index=True)
+    write_tsv(effects, out_effects)
+    summary = summarise(effects, seed=params["seed"]).assign(corruption=corruption, noise_sigma=noise_sigma)
+    write_tsv(summary, out_summary)
+    if out_agreement is not None:
+        agree = agreement(summary, effects)
+        if agree.empty:
+            agree = pd.DataFrame(columns=["direction", "n_cells", "spearman", "top_exact", "top_attribution",
+                                          "top_agree", "max_abs_diff", "median_pair_spearman"])
+        for r in agree.itertuples():
+            log.info("attribution vs exact, %s: Spearman %.3f, top cell %s (exact %s, attribution %s)",
+                     r.direction, r.spearman, "agrees" if r.top_agree else "differs", r.top_exact, r.top_attribution)
+        write_tsv(agree, out_agreement)
+
+
+def heatmaps(summaries: dict[str, list[str]], out_dir) -> None:
+    """Render every patch summary of every study into out_dir/{study}/ (a PNG and the TSV of its
+    numbers per method: exact, and attribution beside it where it was run) with an index page."""
+    from affectlens.viz.heatmap import color_limit, methods_of, plot_patch_heatmap, write_index
+
+    out_dir = Path(out_dir)
+    entries = []
+    for study, paths in summaries.items():
+        for p in paths:
+            # results/patch/{dataset}/{model}/{contrast}/summary.tsv
+            dataset, model, contrast = Path(p).parts[-4:-1]
+            name = f"{dataset}__{model}__{contrast}"
+            summary = pd.read_csv(p, sep="\t")
+            corruption = summary["corruption"].iloc[0] if "corruption" in summary else "pairs"
+            how = {"pairs": "paired clips", "noise": f"embedding noise, sigma {summary['noise_sigma'].iloc[0]:.3g}"
+                   if "noise_sigma" in summary else "embedding noise",
+                   "prosody_neutral": "prosody-neutralised clips"}.get(corruption, corruption)
+            n = int(summary["n_pairs"].max())
+            title = f"{study}: {dataset} × {model}, {contrast.replace('-to-', ' → ')} (n = {n} pairs; corrupt: {how})"
+            vmax = color_limit(summary)  # one scale for exact and attribution, so colours compare
+            maps = []
+            for method in methods_of(summary):
+                stem = name if method == "exact" else f"{name}__{method}"
+                rows = summary if "method" not in summary else summary[summary["method"] == method]
+                plot_patch_heatmap(summary, out_dir / study / f"{stem}.png", title, method=method, vmax=vmax)
+                write_tsv(rows, out_dir / study / f"{stem}.tsv")
+                maps.append({"label": {"exact": "exact patching",
+                                       "attribution": "attribution patching (gradient estimate)"}.get(method, method),
+                             "png": f"{study}/{stem}.png", "tsv": f"{study}/{stem}.tsv"})
+            note = ""
+            agreement_tsv = Path(p).with_name("agreement.tsv")
+            if agreement_tsv.exists() and agreement_tsv.stat().st_size > 0:
+                agree = pd.read_csv(agreement_tsv, sep="\t")
+                note = "; ".join(f"attribution vs exact, {r.direction}: Spearman {r.spearman:.2f}, top cell "
+                                 f"{'agrees' if r.top_agree else f'differs ({r.top_attribution} vs {r.top_exact})'}"
+                                 for r in agree.itertuples())
+            entries.append({"study": study, "title": title, "png": maps[0]["png"], "tsv": maps[0]["tsv"],
+                            "maps": maps, "note": note})
+    write_index(entries, out_dir / "index.html")
+
+
+# --- trace (video question answering) --------------------------------------------------------------
+TRACE_FAMILIES = ("qwen2-vl", "qwen2.5-vl")
+
+
+def trace(manifest_path, dataset_cfg: dict, model_cfg: dict, params: dict, out_table, out_pairs, out_summary,
+          out_heatmaps) -> pd.DataFrame:
+    """Causal tracing of video QA (affectlens.patching.video): per question, the model's answer
+    among the candidates, each counterfactual video, every LM site x token slice patched both
+    ways. Writes the per-question table, its pairs (as the patch stage's, for the probes on patching
+    outcomes), the mean over questions and one heatmap per counterfactual."""
+    from tqdm import tqdm
+
+    from affectlens.data.manifest import read_manifest
+    from affectlens.patching.video import questions_from_manifest, trace_pairs, trace_question, trace_summary
+    from affectlens.viz.heatmap import plot_patch_heatmap
+
+    if dataset_cfg.get("source") != "video_qa":
+        raise ValueError(f"trace: the dataset's source is {dataset_cfg.get('source')!r}; tracing reads a video_qa "
+                         "dataset (questions with candidates about a video)")
+    if model_cfg.get("family") not in TRACE_FAMILIES:
+        raise ValueError(f"trace: model family {model_cfg.get('family')!r}; tracing runs a video-language model "
+                         f"of the families {TRACE_FAMILIES}")
+    questions = questions_from_manifest(read_manifest(manifest_path), params.get("n_questions"), params["seed"],
+                                        where=str(manifest_path))
+    adapter = build_adapter(model_cfg)
+    sites = adapter.sites(params["sites"])
+    log.info("tracing %d questions: counterfactuals %s, slices %s, %d sites", len(questions),
+             params["counterfactuals"], params["slices"], len(sites))
+    tables = [trace_question(adapter, q, params["counterfactuals"], sites, params["slices"],
+                             max_batch=params["max_batch"], answer_style=params["answer_style"])
+              for q in tqdm(questions, desc="trace questions", unit="question")]
+    table = pd.concat(tables, ignore_index=True)
+    write_tsv(table, out_table)
+    write_tsv(trace_pairs(table), out_pairs)
+    summary = trace_summary(table)
+    write_tsv(summary, out_summary)
+    out_heatmaps = Path(out_heatmaps)
+    out_heatmaps.mkdir(parents=True, exist_ok=True)
+    for i, (cf, part) in enumerate(summary.groupby("counterfactual", sort=False)):
+        n = int(part["n_questions"].max())
+        plot_patch_heatmap(part, out_heatmaps / f"{i:02d}_{cf.split(':')[0]}.png",
+                           f"{adapter.model_id}: video QA tracing, counterfactual {cf} ({n} questions)",
+                           xlabel="token slice")
+    return table

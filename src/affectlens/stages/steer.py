@@ -1,0 +1,331 @@
+"""Stage of workflow/rules/steer.smk: steer held-out speakers' clips, beside controls, and judge them."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from affectlens.io import atomic_path, write_json
+from affectlens.models import build_adapter
+from affectlens.settings import ModelConfig, SteerConfig, readout_site
+from affectlens.stages.common import write_tsv
+
+log = logging.getLogger("affectlens")
+
+
+def steer(store_path, manifest_path, model_cfg: dict, contrast: dict, params: dict, label_column: str,
+          out_dir, threads: int = 1, sae_dir=None, judge_stores: dict | None = None,
+          judge_models: dict | None = None) -> None:
+    """Steer held-out speakers' `source` clips towards `target` at the model's steer site with each
+    of `steer.methods`, heard at `steer.hear_site`, beside the controls (`steering.experiment`),
+    and judge every output with judges that never saw those speakers.
+
+    Writes audio/ (every output, watermarked), evaluation.tsv (one row per clip, method or
+    control, alpha and seed), summary.tsv (means per method and alpha), controls.tsv (paired
+    differences against each control with 95 % intervals), inversion_quality.tsv (the mapper's
+    held-out error and the round trip, per clip), dose_response.png, vector.npy and mapper/ (fit on
+    every speaker, for `affectlens steer`). `judge_stores` / `judge_models`: {name: store path} and
+    {name: model config} of the models whose probes also judge. A generative music model (MusicGen)
+    is steered during generation instead: `steer_music`."""
+    model, cfg = ModelConfig.from_dict(model_cfg), SteerConfig.from_dict(params)
+    if model.family == "musicgen":
+        return steer_music(store_path, manifest_path, model, contrast, cfg, label_column, out_dir)
+    from tqdm import tqdm
+
+    from affectlens.data.manifest import read_manifest
+    from affectlens.naming import PRIMARY_METHOD, steered_wav_name
+    from affectlens.steering import experiment as ex
+    from affectlens.steering.inversion import change_dependence, predicted_change, round_trip_quality
+    from affectlens.steering.oneclip import site_frames
+    from affectlens.steering.vectors import diff_of_means
+    from affectlens.steering.watermark import load_any, write_steered_audio
+    from affectlens.viz.steering import plot_dose_response
+
+    src, tgt = contrast["source"], contrast["target"]
+    out_dir = Path(out_dir)
+    (out_dir / "audio").mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(manifest_path)
+    adapter = build_adapter(model)
+    site = model.steer_site
+    hear = hear_site(model, cfg, adapter.n_blocks)
+    vocoder, new_mapper = _inversion(cfg, adapter.frame_rate)
+    judge_models = {name: ModelConfig.from_dict(m) for name, m in (judge_models or {}).items()}
+    corpus, read_site, sae = _corpus(store_path, manifest, model, cfg, label_column, adapter, hear, new_mapper,
+                                     {n: (judge_models[n], p) for n, p in (judge_stores or {}).items()}, sae_dir,
+                                     threads)
+    judges = _judge_factory(corpus, cfg, tgt, adapter, read_site, judge_models)
+    methods = [m for m in cfg.methods if m != "pca" or corpus.pair_keys is not None]
+    if len(methods) < len(cfg.methods):
+        log.warning("method pca left out: the manifest has no pair_key column to pair clips across emotions")
+    log.info("steering %s -> %s at %s, heard at %s (%s mapper, %s inversion); methods %s, controls %s",
+             src, tgt, site, hear, cfg.mapper, cfg.inversion, methods, list(cfg.controls))
+
+    chosen = choose_clips(manifest, label_column, src, cfg.n_clips, cfg.seed)
+    records, quality, fitted = [], [], {}
+    for i in tqdm(chosen, desc=f"steer {src}->{tgt}", unit="clip"):
+        spk = corpus.speakers[i]
+        if spk not in fitted:
+            fitted[spk] = ex.fit_speaker(corpus, spk, src, tgt, methods, list(cfg.controls), cfg.random_seeds,
+                                         cfg.seed, new_mapper, judges, sae=sae, sae_features=cfg.sae_features)
+        fit = fitted[spk]
+        clip_id, wave = str(manifest["clip_id"].iloc[i]), corpus.waves[i]
+        outputs = ex.render_clip(adapter, wave, fit, site, hear, list(cfg.alphas), list(cfg.controls), cfg.inversion,
+                                 vocoder=vocoder)
+        hear0 = site_frames(adapter, wave, hear)
+        steered = site_frames(adapter, wave, hear, {site: fit.edits[methods[0]](max(cfg.alphas))})
+        quality.append({"clip_id": clip_id, "speaker": spk, "vocoder": vocoder.name if vocoder else "none",
+                        "mapper": cfg.mapper, "steer_site": site, "hear_site": hear,
+                        "change_dependence": change_dependence(predicted_change(fit.mapper, hear0, steered),
+                                                               fit.mapper.upsample),
+                        **round_trip_quality(fit.mapper, hear0, wave, vocoder=vocoder, sr=corpus.sr)})
+        reference, reference_source = _reference(manifest, i, fit.judges, wave)
+        for out in outputs:
+            numbers, transcript, name, mark = _judge_output(out, clip_id, wave, reference, fit.judges, cfg, out_dir,
+                                                            steered_wav_name, write_steered_audio, load_any)
+            rows = [out] if out.method != "all" else [
+                ex.Output(m, kind, 0.0, s, out.wave, out.change_dependence)
+                for m, kind, s in [(m, "method", None) for m in methods]
+                + [(c, "control", None) for c in cfg.controls if c != "random"]
+                + [("random", "control", s) for s in range(len(fit.random_vectors))]]
+            for o in rows:
+                records.append({"clip_id": clip_id, "speaker": spk, "method": o.method, "kind": o.kind,
+                                "output": "original" if o.kind == "original" else f"{o.alpha:g}",
+                                "alpha": o.alpha, "seed": np.nan if o.seed is None else o.seed, **numbers,
+                                "change_dependence": o.change_dependence, "watermark_snr_db": mark, "file": name,
+                                "transcript": transcript, "reference": reference,
+                                "reference_source": reference_source})
+    table = pd.DataFrame(records)
+    columns = fitted[next(iter(fitted))].judges.columns
+    summary = ex.summarise(table, columns)
+    versus = ex.compare_to_controls(table, columns)
+    for r in versus[versus.control == "best_control"].itertuples():
+        log.info("%s alpha %g, %s: %+.3f [%.3f, %.3f] vs best control %s%s", r.method, r.alpha, r.judge,
+                 r.difference, r.ci_low, r.ci_high, r.best_control, " (beats it)" if r.beats else "")
+    # For `affectlens steer --vector out_dir/vector.npy --mapper out_dir/mapper`: fit on every speaker.
+    with atomic_path(out_dir / "vector.npy") as tmp:
+        np.save(tmp, diff_of_means(corpus.steer_pooled, corpus.labels, corpus.speakers, src, tgt))
+    new_mapper().fit_targets(corpus.hear_frames, corpus.mel_targets).save(out_dir / "mapper")
+    write_tsv(table, out_dir / "evaluation.tsv")
+    write_tsv(pd.DataFrame(quality), out_dir / "inversion_quality.tsv")
+    write_tsv(versus, out_dir / "controls.tsv")
+    write_tsv(summary, out_dir / "summary.tsv")
+    plot_dose_response(summary, out_dir / "dose_response.png",
+                       title=f"{adapter.model_id}: {src} → {tgt} at {site}, heard at {hear} ({cfg.mapper} mapper, "
+                             f"{cfg.inversion} inversion" + (f", {vocoder.name})" if vocoder else ")"))
+    write_json(out_dir / "vector.json", {"site": site, "hear_site": hear, "model": adapter.model_id, "source": src,
+                                         "target": tgt, "method": PRIMARY_METHOD, "mapper": cfg.mapper,
+                                         "speakers": int(len(np.unique(corpus.speakers))),
+                                         "inversion": cfg.inversion, "vocoder": vocoder.name if vocoder else "none",
+                                         "methods": methods, "controls": list(cfg.controls),
+                                         "random_seeds": [cfg.seed + s for s in range(cfg.random_seeds)],
+                                         "judges": columns, "judge_level_db": cfg.judge_level_db,
+                                         "note": "vector.npy is the diff_of_means vector and mapper/ the mapper at "
+                                                 "the hear site, both fit on every speaker"})
+
+
+def hear_site(model: ModelConfig, cfg: SteerConfig, n_blocks: dict[str, int]) -> str:
+    """The site the mel mapper reads: `steer.hear_site` = `last` (the last block's resid_post of the
+    steer site's tower: the edit propagates through every block in between), `steer` (the steer
+    site itself: the mapper then sees exactly x + alpha v), or a site of the same tower at or after
+    the steer site."""
+    from affectlens.models.sites import expand_sites, parse_site
+
+    steer = parse_site(model.steer_site)
+    if cfg.hear_site == "steer":
+        return model.steer_site
+    if cfg.hear_site == "last":
+        return f"{steer.tower}.blocks.{n_blocks[steer.tower] - 1}.resid_post"
+    hear = parse_site(expand_sites([cfg.hear_site], n_blocks)[0])
+    if hear.tower != steer.tower or hear.depth < steer.depth:
+        raise ValueError(f"steer.hear_site {cfg.hear_site!r} must be in the steer site's tower at or after "
+                         f"{model.steer_site!r}")
+    return str(hear)
+
+
+def _inversion(cfg: SteerConfig, frame_rate: float):
+    """(vocoder or None, a factory of unfitted mappers in its mel format)."""
+    from affectlens.steering.inversion import MelMapper
+    from affectlens.steering.vocoder import load_vocoder
+
+    # residual filtering needs no vocoder; direct and vocoded inversion train the mapper in its mel format
+    vocoder = (None if cfg.inversion == "residual"
+               else load_vocoder(cfg.vocoder, n_iter=cfg.griffin_lim_iter, seed=cfg.seed))
+
+    def new_mapper() -> MelMapper:
+        if vocoder is None:
+            return MelMapper(kind=cfg.mapper, seed=cfg.seed)
+        return MelMapper.for_vocoder(vocoder, frame_rate, kind=cfg.mapper, seed=cfg.seed)
+
+    return vocoder, new_mapper
+
+
+def _corpus(store_path, manifest, model: ModelConfig, cfg: SteerConfig, label_column: str, adapter, hear: str,
+            new_mapper, judge_stores: dict, sae_dir, threads: int):
+    """(Corpus, readout site, SAE or None): what the run reads of the store and the clips."""
+    from affectlens.data.decode import decode_clip
+    from affectlens.probes.sweep import align_manifest
+    from affectlens.steering.evaluate import acoustic_feature_matrix, relevel
+    from affectlens.steering.experiment import Corpus
+    from affectlens.steering.oneclip import site_frames
+    from affectlens.store import Store
+
+    site = model.steer_site
+    sr = adapter.sample_rate
+    waves = [decode_clip(p, sr=sr) for p in manifest["path"]]
+    with Store(store_path) as store:
+        read = readout_site(model, store.sites, getattr(adapter, "generated_towers", ()))
+        rows = align_manifest(store.clip_ids, manifest, [label_column, "speaker"], where=str(store.path))
+        steer_pooled, read_pooled = store.pooled(site)[rows], store.pooled(read)[rows]
+        steer_frames = [store.clip_frames(site, r) for r in rows]
+        hear_frames = ([store.clip_frames(hear, r) for r in rows] if hear in store.sites
+                       else [site_frames(adapter, w, hear) for w in waves])
+    judge_pooled = {}
+    for name, (judge_model, path) in judge_stores.items():
+        with Store(path) as store:
+            rows_j = align_manifest(store.clip_ids, manifest, [label_column], where=str(store.path))
+            judge_pooled[name] = store.pooled(readout_site(judge_model, store.sites))[rows_j]
+    sae = latents = None
+    if "sae" in cfg.methods:
+        sae, latents = _steer_sae(sae_dir, site, steer_frames)
+    mel_targets = new_mapper().targets(hear_frames, waves, sr=sr)
+    acoustic = acoustic_feature_matrix([relevel(w, sr, cfg.judge_level_db) for w in waves], sr, n_jobs=threads)
+    pair_keys = manifest["pair_key"].astype(str).to_numpy() if "pair_key" in manifest.columns else None
+    corpus = Corpus(manifest, manifest[label_column].astype(str).to_numpy(),
+                    manifest["speaker"].astype(str).to_numpy(), pair_keys, waves, sr, steer_pooled, read_pooled,
+                    hear_frames, mel_targets, acoustic, judge_pooled, latents)
+    return corpus, read, sae
+
+
+def _judge_factory(corpus, cfg: SteerConfig, target: str, adapter, read_site: str, judge_models: dict):
+    """judges(others, pair) -> Judges fit on the rows `pair` (the other speakers' source and target clips);
+    each judge model (built once) reads its own readout site."""
+    from affectlens.probes.linear import LinearProbe
+    from affectlens.steering.evaluate import AcousticJudge
+    from affectlens.steering.experiment import JudgeModel, Judges
+
+    asr = build_adapter({"family": "whisper", "source": cfg.asr_source, "sites": ["encoder.embed"]})
+    try:
+        from affectlens.steering.speaker import _encoder, speaker_similarity
+
+        _encoder()
+    except ImportError as e:
+        log.warning("no speaker_similarity column (NaN): %s", e)
+        speaker_similarity = None
+
+    built = {}
+    for name, m in judge_models.items():
+        a = build_adapter(m)
+        built[name] = (a, readout_site(m, a.sites(m.sites), getattr(a, "generated_towers", ())))
+
+    def judges(others, pair):
+        labels = corpus.labels
+        others_ = [JudgeModel(name, a, site, LinearProbe().fit(corpus.judge_pooled[name][pair], labels[pair]))
+                   for name, (a, site) in built.items()]
+        return Judges(target, adapter, read_site, LinearProbe().fit(corpus.read_pooled[pair], labels[pair]),
+                      AcousticJudge().fit_features(corpus.acoustic[pair], labels[pair]), others_, cfg.judge_level_db,
+                      corpus.sr, asr, speaker_similarity)
+
+    return judges
+
+
+def _reference(manifest, i: int, judges, wave) -> tuple[str, str]:
+    """The words said: the dataset's own text where it has one (RAVDESS, CREMA-D, the demo), else the
+    ASR's transcript of the original (which can itself be wrong: a loop, a hallucination)."""
+    from affectlens.steering.text import transcribe
+
+    text = manifest["text"].iloc[i] if "text" in manifest.columns else None
+    if isinstance(text, str) and text.strip():
+        return text.strip(), "text"
+    return transcribe(judges.asr, wave), "asr"
+
+
+def _judge_output(out, clip_id, original, reference, judges, cfg: SteerConfig, out_dir: Path, name_of, write, load):
+    """Write one output (not the original) watermarked, read it back and judge what was written."""
+    if out.kind == "original":
+        numbers, transcript = judges.judge(original, original, reference)
+        return numbers, transcript, "", np.nan
+    method = "diff_of_means" if out.method == "all" else out.method
+    name = name_of(clip_id, method, out.alpha, out.seed)
+    mark = write(out_dir / "audio" / name, out.wave, judges.sr, key=cfg.watermark_key, snr_db=cfg.watermark_snr_db)
+    heard = load(out_dir / "audio" / name)[0]
+    numbers, transcript = judges.judge(heard, original, reference)
+    return numbers, transcript, name, mark
+
+
+def steer_music(store_path, manifest_path, model: ModelConfig, contrast: dict, cfg: SteerConfig, label_column: str,
+                out_dir) -> None:
+    """MusicGen: the per-artist difference of means of the steer site's pooled activations (teacher-
+    forced real clips, source -> target label) added at every step of generating from
+    `music_prompts`, per alpha; every piece is written (watermarked) and judged by an independent
+    mood regressor and acoustic measures (steering.music)."""
+    from affectlens.data.manifest import read_manifest
+    from affectlens.probes.sweep import align_manifest
+    from affectlens.steering.music import evaluate_music, generate_steered, summarise_music
+    from affectlens.steering.vectors import diff_of_means
+    from affectlens.steering.watermark import write_steered_audio
+    from affectlens.store import Store
+    from affectlens.viz.steering import plot_music_dose_response
+
+    src, tgt = contrast["source"], contrast["target"]
+    out_dir = Path(out_dir)
+    (out_dir / "audio").mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(manifest_path)
+    site = model.steer_site
+    with Store(store_path) as store:
+        rows = align_manifest(store.clip_ids, manifest, [label_column, "speaker"], where=str(store.path))
+        X = store.pooled(site)[rows]
+    labels = manifest[label_column].astype(str).to_numpy()
+    groups = manifest["speaker"].astype(str).to_numpy()
+    vector = diff_of_means(X, labels, groups, src, tgt)
+    log.info("vector %s -> %s at %s: norm %.4g over %d groups", src, tgt, site, np.linalg.norm(vector),
+             len(np.unique(groups[np.isin(labels, [src, tgt])])))
+    adapter = build_adapter(model)
+    prompts = list(cfg.music_prompts)
+    outputs = generate_steered(adapter, prompts, site, vector, list(cfg.alphas), cfg.music_seconds,
+                               seed=cfg.seed, guidance_scale=cfg.music_guidance_scale)
+    sr = adapter.codec_sr
+    levels = {}
+    for alpha, waves in outputs.items():
+        for i, w in enumerate(waves):
+            levels[(i, alpha)] = write_steered_audio(out_dir / "audio" / f"prompt{i}__alpha{alpha:g}.wav", w, sr,
+                                                     key=cfg.watermark_key, snr_db=cfg.watermark_snr_db)
+    table = evaluate_music(outputs, sr, prompts)
+    table["watermark_snr_db"] = [levels[(i, a)] for i, a in zip(table.prompt_id, table.alpha)]
+    with atomic_path(out_dir / "vector.npy") as tmp:
+        np.save(tmp, vector)
+    write_json(out_dir / "vector.json", {"site": site, "model": adapter.model_id, "source": src, "target": tgt,
+                                         "method": "diff_of_means", "groups": "speaker (artist or song)"})
+    write_tsv(table, out_dir / "evaluation.tsv")
+    summary = summarise_music(table)
+    write_tsv(summary, out_dir / "summary.tsv")
+    plot_music_dose_response(summary, out_dir / "dose_response.png",
+                             title=f"{adapter.model_id} at {site}: {src} → {tgt} ({len(prompts)} prompts)")
+
+
+def choose_clips(manifest: pd.DataFrame, label_column: str, label: str, n: int, seed: int) -> list[int]:
+    """Row indices of `n` clips with `label`, round-robin over speakers (one per speaker first)."""
+    rng = np.random.default_rng(seed)
+    idx = np.flatnonzero(manifest[label_column].astype(str).to_numpy() == label)
+    if len(idx) == 0:
+        raise ValueError(f"no clip has {label_column} = {label!r}: nothing to steer")
+    order = rng.permutation(idx)
+    spk = manifest["speaker"].astype(str).to_numpy()[order]
+    rank = pd.Series(spk).groupby(spk).cumcount().to_numpy()
+    return order[np.lexsort((np.arange(len(order)), rank))][:n].tolist()
+
+
+def _steer_sae(sae_dir, site: str, frames: list[np.ndarray]):
+    """The SAE trained at the steer site and every clip's mean latents [clip, n_latents]."""
+    from affectlens.sae.features import encode_array
+    from affectlens.sae.registry import load_sae
+
+    if sae_dir is None:
+        raise ValueError(f"steer method sae needs an SAE at the steer site {site}: list it among the model's "
+                         "sae_sites (the workflow then trains it first)")
+    sae = load_sae(sae_dir)
+    return sae, np.stack([encode_array(sae, f).mean(0) for f in frames])
+
+
