@@ -139,6 +139,44 @@ def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, np.n
     return {"r2": r2, "ccc": ccc, "pearson": pearson}
 
 
+def group_moments(y_true: np.ndarray, y_pred: np.ndarray, groups) -> np.ndarray:
+    """[G, ..., 6] additive moments (n, sum t, sum p, sum t², sum p², sum tp) of each group's clips
+    (groups in `np.unique` order), for predictions [..., n] against y_true [..., n]. Both are
+    first shifted by the mean of y_true, which leaves every metric unchanged and keeps the sums
+    of squares well conditioned. Sums of such moments over any set of groups give that set's
+    metrics through `metrics_from_moments` (the speaker bootstrap of pooled R², CCC and r)."""
+    t = np.asarray(y_true, dtype=np.float64)
+    p = np.asarray(y_pred, dtype=np.float64)
+    t, p = np.broadcast_arrays(t, p)
+    shift = t.mean(-1, keepdims=True)
+    t, p = t - shift, p - shift
+    _, g = np.unique(np.asarray(groups), return_inverse=True)
+    order = np.argsort(g, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(g[order]) != 0])
+    t, p = t[..., order], p[..., order]
+    sums = [np.add.reduceat(q, starts, axis=-1) for q in (np.ones_like(t), t, p, t * t, p * p, t * p)]
+    return np.moveaxis(np.stack(sums, axis=-1), -2, 0)  # [..., G, 6] -> [G, ..., 6]
+
+
+def metrics_from_moments(moments: np.ndarray) -> dict[str, np.ndarray]:
+    """r2, ccc and pearson from summed moments [..., 6] (see `group_moments`): the same numbers
+    `regression_metrics` gives on the clips the moments were summed over."""
+    M = np.asarray(moments, dtype=np.float64)
+    n, st, sp, stt, spp, stp = np.moveaxis(M, -1, 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tm, pm = st / n, sp / n
+        vt = np.maximum(stt / n - tm * tm, 0.0)
+        vp = np.maximum(spp / n - pm * pm, 0.0)
+        cov = stp / n - tm * pm
+        sse = (stt - 2 * stp + spp) / n
+        r2 = np.where(vt > 0, 1.0 - sse / np.where(vt > 0, vt, 1.0), np.nan)
+        denom = np.sqrt(vt * vp)
+        pearson = np.where(denom > 0, cov / np.where(denom > 0, denom, 1.0), 0.0)
+        ccc_den = vt + vp + (tm - pm) ** 2
+        ccc = np.where(ccc_den > 0, 2 * cov / np.where(ccc_den > 0, ccc_den, 1.0), 0.0)
+    return {"r2": r2, "ccc": ccc, "pearson": pearson}
+
+
 def concordance_correlation(y_true, y_pred) -> float:
     """Lin's concordance correlation coefficient of two [n] vectors."""
     return float(regression_metrics(y_true, y_pred)["ccc"])

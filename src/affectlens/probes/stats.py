@@ -124,6 +124,43 @@ def fold_ci(values, confidence: float = 0.95) -> tuple[float, float, float]:
     return m, m - half, m + half
 
 
+def group_confusions(true_codes, pred_codes, groups, n_classes: int) -> np.ndarray:
+    """[G, ..., K, K] confusion matrices of each group's clips (groups in `np.unique` order);
+    leading axes of `pred_codes` [..., n] are batched as in `confusion`."""
+    pred = np.asarray(pred_codes)
+    true = np.broadcast_to(np.asarray(true_codes), pred.shape)
+    _, g = np.unique(np.asarray(groups), return_inverse=True)
+    G, K = int(g.max()) + 1, n_classes
+    lead = pred.shape[:-1]
+    rows = int(np.prod(lead, dtype=np.int64))
+    flat = ((g[None] * rows + np.arange(rows)[:, None]) * K + true.reshape(rows, -1)) * K + pred.reshape(rows, -1)
+    return np.bincount(flat.ravel(), minlength=G * rows * K * K).reshape(G, *lead, K, K)
+
+
+def group_bootstrap_sums(per_group: np.ndarray, n_boot: int, seed: int = 0) -> np.ndarray:
+    """[n_boot, ...] sums of additive per-group statistics [G, ...] (confusion matrices, moments)
+    over G groups drawn with replacement: the speaker-level bootstrap of a pooled metric. The
+    draws depend on G, `n_boot` and `seed` only, so every statistic sharing them sees the same
+    resamples."""
+    per_group = np.asarray(per_group, dtype=np.float64)
+    G = per_group.shape[0]
+    draws = np.random.default_rng(seed).integers(0, G, (n_boot, G))
+    weights = np.zeros((n_boot, G))
+    np.add.at(weights, (np.arange(n_boot)[:, None], draws), 1.0)
+    return (weights @ per_group.reshape(G, -1)).reshape(n_boot, *per_group.shape[1:])
+
+
+def percentile_interval(draws, confidence: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high) percentile interval over the first axis of `draws`, NaN draws left out
+    (a draw without any clip of some class, say); NaN where every draw is NaN."""
+    draws = np.asarray(draws, dtype=np.float64)
+    alpha = 100 * (1.0 - confidence) / 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices
+        low, high = np.nanpercentile(draws, [alpha, 100 - alpha], axis=0)
+    return low, high
+
+
 def bootstrap_ci(y_true, y_pred, metric: Callable[[np.ndarray, np.ndarray], float], groups=None,
                  n_boot: int = 2000, confidence: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
     """(estimate, low, high): percentile bootstrap of `metric(y_true, y_pred)` over clips, or over
