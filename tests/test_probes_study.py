@@ -201,13 +201,18 @@ def test_parallel_sites_give_the_serial_tables(planted_tables):
 
 def test_official_splits_fit_train_and_score_each_split_apart():
     acts, manifest = planted(seed=2)
-    split = np.where(manifest.speaker.isin(["spk0"]), "test", np.where(manifest.speaker == "spk1", "dev", "train"))
+    split = np.where(manifest.speaker.isin(["spk0", "spk2"]), "test",
+                     np.where(manifest.speaker == "spk1", "dev", "train"))
     site = "encoder.blocks.1.resid_post"
     r = sweep_arrays(acts, manifest.label.to_numpy(), manifest.speaker.to_numpy(), [site], split=split,
                      n_permutations=9)
     acc = r.metrics[r.metrics.metric == "accuracy"].set_index("split")
     assert list(acc.index) == ["dev", "test"] and (acc.n_folds == 1).all()
-    assert (acc.ci_method == "bootstrap over test clips").all() and (acc.ci_low <= acc.value).all()
+    # the interval resamples the split's speakers; a split of one speaker falls back to its clips
+    assert acc.ci_method.to_dict() == {"dev": "bootstrap over clips (a single speaker)",
+                                       "test": "bootstrap over speakers"}
+    assert (acc.ci_low <= acc.value).all() and (acc.value <= acc.ci_high).all()
+    assert (acc.value == acc.fold_mean).all()  # one fit per split: pooled = its only fold
     tr = split == "train"
     probe = LinearProbe().fit(acts[site][tr], manifest.label[tr])
     for s in ("dev", "test"):
@@ -288,6 +293,8 @@ def test_bin_frames_and_time_resolved_probe_find_the_planted_span(tmp_path):
                                     n_splits=5)
     acc = curves[curves.metric == "accuracy"].set_index("time_s").value
     assert list(np.round(acc.index, 2)) == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
+    # each bin pooled like the sweep: value from the pooled predictions, the fold mean beside it
+    assert {"value", "fold_mean"} <= set(curves.columns) and (curves.ci_method == "bootstrap over speakers").all()
     inside = acc[np.isclose(acc.index, 0.2) | np.isclose(acc.index, 0.3)]
     outside = acc.drop(index=inside.index)
     assert (inside > 0.6).all() and (outside < 0.45).all(), acc

@@ -56,7 +56,9 @@ def time_resolved(store: Store, manifest, sites, label_column: str = "label", gr
                   split_column: str | None = None, effect_size: float = 0.5, frame_targets=None,
                   target_column: str = "value", min_clips: int = 8):
     """Time-resolved probes: the clips' frames pooled per time bin, then, bin by bin, the probe of
-    the clip label (no permutations; fold intervals) and the representation statistics.
+    the clip label (no permutations) and the representation statistics. Each bin's rows are the
+    sweep's (`sweep.probe_task`): `value` from the pooled out-of-fold predictions of the bin (its
+    accuracy and macro-F1, or its R² and CCC), `fold_mean` beside it, a speaker-bootstrap interval.
 
     With `frame_targets` (a table clip_id, time_s, `target_column`: e.g. PMEmo's 2 Hz valence),
     each bin is instead a ridge probe of the mean annotation within the bin. A bin is skipped

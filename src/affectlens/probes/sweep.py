@@ -7,13 +7,19 @@ patching outcomes. A task fixes its clips, its folds and its label rows once:
 [observed, control, permutation 1..n], so every site sees the same folds and the same null.
 
 Held out how: speaker-grouped stratified folds (no speaker on both sides), or a dataset's official
-splits (fit on train, scored on each other split, each reported as its own `split`). Metrics per
-split: mean over folds with a t-interval over folds; a single official split gets a percentile
-bootstrap over its test clips instead (`ci_method` says which).
+splits (fit on train, scored on each other split, each reported as its own `split`).
+
+Metrics per split: `value` is the metric of the pooled out-of-fold predictions (for classification,
+of the confusion matrix summed over folds), as published SER numbers are; the mean of the per-fold
+values, which for macro-F1 falls below the pooled one (Forman & Scholz 2010), stands beside it as
+`fold_mean`, and the per-fold values themselves are the `folds` table. The interval is a percentile
+bootstrap of the pooled value that resamples whole speakers of the test clips (clips, when a split
+holds a single speaker; `ci_method` says which), with the fitted probes held fixed.
 
 Significance: labels are shuffled among the clips of each speaker (and within each official
 split, so the training side keeps its class counts), and the whole fit is repeated per shuffle;
-p = (1 + #{null >= observed}) / (1 + n), never below its resolution 1 / (1 + n).
+p = (1 + #{null >= observed}) / (1 + n), never below its resolution 1 / (1 + n), each permuted
+label row's out-of-fold predictions pooled exactly as the observed ones.
 The control task (one such shuffle, refit like the rest) gives selectivity = score - control.
 Within one fit, the observed labels, the control labels and all permuted labels are fit together
 (`fit_multinomial`, `ridge_cv`), each label row by its own solver: the null distribution comes
@@ -41,11 +47,20 @@ from affectlens.io import atomic_path
 from affectlens.models.sites import parse_site
 from affectlens.probes.baseline import is_pseudo_site
 from affectlens.probes.linear import LinearProbe, fit_multinomial, standardise
-from affectlens.probes.regression import DEFAULT_ALPHAS, REGRESSION_METRICS, regression_metrics, ridge_cv
+from affectlens.probes.regression import (
+    DEFAULT_ALPHAS,
+    REGRESSION_METRICS,
+    group_moments,
+    metrics_from_moments,
+    regression_metrics,
+    ridge_cv,
+)
 from affectlens.probes.stats import (
     confusion,
-    fold_ci,
+    group_bootstrap_sums,
+    group_confusions,
     metrics_from_confusion,
+    percentile_interval,
     permutation_p_value,
     trivial_scores,
     within_group_permutations,
@@ -204,10 +219,9 @@ def classification_task(name: str, labels, groups, rows=None, split=None, n_spli
         perm_groups = np.char.add(np.asarray(groups).astype(str), np.char.add("|", np.asarray(split).astype(str)))
     task = Task(name, "classification", rows, groups, folds, _label_rows(codes, perm_groups, control, n_permutations, seed),
                 control, n_permutations, classes=classes, pair=pair)
-    K = len(classes)
-    for s in dict.fromkeys(f.split for f in folds):
-        per_fold = [trivial_scores(codes[f.test], K) for f in folds if f.split == s]
-        task.chance[s] = {m: float(np.mean([c[m] for c in per_fold])) for m in METRICS}
+    for s in dict.fromkeys(f.split for f in folds):  # chance of the pooled test clips, as the scores
+        test = np.concatenate([f.test for f in folds if f.split == s])
+        task.chance[s] = trivial_scores(codes[test], len(classes))
     return task
 
 
@@ -243,15 +257,23 @@ class FitSettings:
     max_iter: int = 1000
     tol: float = 1e-6
     alphas: tuple = DEFAULT_ALPHAS  # ridge probes: candidate penalties (leave-one-out choice)
-    n_boot: int = 1000             # bootstrap resamples for a single official split's interval
+    n_boot: int = 1000             # speaker-bootstrap resamples for every interval
     seed: int = 0
 
 
+def _kept(task: Task) -> int:
+    """Label rows whose out-of-fold predictions are kept for the intervals: observed (and control)."""
+    return 2 if task.control else 1
+
+
 def _classify(X: np.ndarray, task: Task, s: FitSettings):
-    """Confusion matrices [label row, fold, K, K] and the observed predictions per fold."""
+    """Confusion matrices [label row, fold, K, K], the out-of-fold class codes of the observed
+    (and control) label rows [kept row, clip] (-1 where a clip is never tested), and the count of
+    fits that did not converge."""
     K, R = len(task.classes), len(task.label_rows)
     cm = np.zeros((R, len(task.folds), K, K), dtype=np.int64)
-    observed = [None] * len(task.folds)
+    kept = _kept(task)
+    observed = np.full((kept, len(task.rows)), -1, dtype=np.int64)
     not_converged = 0
     cw_all = s.class_weight
     if isinstance(cw_all, dict):
@@ -264,7 +286,7 @@ def _classify(X: np.ndarray, task: Task, s: FitSettings):
             for i, f in folds:
                 pred = np.full((R, len(f.test)), present[0])
                 cm[:, i] = confusion(task.label_rows[:, f.test], pred, K)
-                observed[i] = pred[0]
+                observed[:, f.test] = pred[:kept]
             continue
         local = np.full(K, -1)
         local[present] = np.arange(len(present))
@@ -284,16 +306,17 @@ def _classify(X: np.ndarray, task: Task, s: FitSettings):
             for (i, f), xt in zip(folds, x_te):
                 pred = present[(np.einsum("nd,pkd->pnk", xt, W) + b[:, None, :]).argmax(-1)]
                 cm[start:start + len(rows), i] = confusion(rows[:, f.test], pred, K)
-                if start == 0:
-                    observed[i] = pred[0]
+                if start < kept:
+                    observed[start:kept, f.test] = pred[:kept - start]
     return cm, observed, not_converged
 
 
 def _regress(X: np.ndarray, task: Task, s: FitSettings):
-    """Metrics {name: [label row, fold]} and the observed predictions per fold."""
+    """Metrics {name: [label row, fold]} and the out-of-fold predictions [label row, clip] (NaN
+    where a clip is never tested)."""
     R = len(task.label_rows)
     out = {m: np.zeros((R, len(task.folds))) for m in REGRESSION_METRICS}
-    observed = [None] * len(task.folds)
+    predicted = np.full((R, len(task.rows)), np.nan)
     for fit in dict.fromkeys(f.fit for f in task.folds):
         folds = [(i, f) for i, f in enumerate(task.folds) if f.fit == fit]
         tr = folds[0][1].train
@@ -304,72 +327,86 @@ def _regress(X: np.ndarray, task: Task, s: FitSettings):
             pred = ((X[f.test] - mean) / scale) @ W.T + b  # [n_test, R]
             for m, v in regression_metrics(task.label_rows[:, f.test], pred.T).items():
                 out[m][:, i] = v
-            observed[i] = pred[:, 0]
-    return out, observed
+            predicted[:, f.test] = pred.T
+    return out, predicted
 
 
-def _bootstrap(task: Task, fold: Fold, pred: np.ndarray, metric: str, s: FitSettings) -> tuple[float, float]:
-    """Percentile 95% interval of `metric` over test clips resampled with replacement."""
-    rng = np.random.default_rng(s.seed)
-    truth = task.label_rows[0, fold.test]
-    idx = rng.integers(0, len(truth), (s.n_boot, len(truth)))
+def _interval_draws(task: Task, test: np.ndarray, predicted: np.ndarray, s: FitSettings):
+    """Bootstrap draws {metric: [draw, kept row]} of the pooled metrics of the observed (and
+    control) predictions on the clips `test`, resampling whole speakers (the task's groups) with
+    replacement; with a single speaker, clips instead. Returns (draws, ci_method)."""
+    kept = _kept(task)
+    groups = task.groups[test]
+    unit = "speakers"
+    if len(np.unique(groups)) < 2:
+        groups, unit = np.arange(len(test)), "clips (a single speaker)"
+    truth, pred = task.label_rows[:kept, test], predicted[:kept, test]
     if task.kind == "classification":
-        values = metrics_from_confusion(confusion(truth[idx], pred[idx], len(task.classes)))[metric]
+        sums = group_bootstrap_sums(group_confusions(truth, pred, groups, len(task.classes)), s.n_boot, s.seed)
+        draws = metrics_from_confusion(sums)
     else:
-        values = regression_metrics(truth[idx], pred[idx])[metric]
-    low, high = np.nanpercentile(values, [2.5, 97.5])
-    return float(low), float(high)
+        draws = metrics_from_moments(group_bootstrap_sums(group_moments(truth, pred, groups), s.n_boot, s.seed))
+    return draws, f"bootstrap over {unit}"
 
 
 def probe_task(X: np.ndarray, task: Task, settings: FitSettings = FitSettings(), site: str = ""):
     """Run one task on one site's matrix X [clip, d] (all clips; the task picks its rows).
-    Returns (metric rows, confusion rows, fold rows) as lists of dicts."""
+    Returns (metric rows, confusion rows, fold rows) as lists of dicts.
+
+    Per split, `value` is the metric of the pooled out-of-fold predictions (classification: of
+    the confusion matrix summed over folds), `fold_mean` the mean of the per-fold values beside
+    it; the interval is a percentile bootstrap of the pooled value over speakers, and the
+    permutation null pools each permuted label row's predictions the same way."""
     X = np.asarray(X, dtype=np.float64)[task.rows]
     if task.kind == "classification":
-        cm, observed, not_converged = _classify(X, task, settings)
+        cm, predicted, not_converged = _classify(X, task, settings)
         if not_converged:
             warnings.warn(f"site {site}, probe {task.name}: {not_converged} probe fits did not converge in "
                           f"max_iter={settings.max_iter}; raise max_iter or lower C", stacklevel=2)
         per_fold = metrics_from_confusion(cm)  # metric -> [label row, fold]
     else:
-        per_fold, observed = _regress(X, task, settings)
+        per_fold, predicted = _regress(X, task, settings)
         cm = None
     first_perm = 2 if task.control else 1
     primary = task.primary
     metric_rows, confusion_rows, fold_rows = [], [], []
     for split in dict.fromkeys(f.split for f in task.folds):
         idx = [i for i, f in enumerate(task.folds) if f.split == split]
-        values = {m: per_fold[m][0, idx] for m in task.metric_names}
+        test = np.concatenate([task.folds[i].test for i in idx])
+        if cm is not None:
+            pooled = metrics_from_confusion(cm[:, idx].sum(1))  # metric -> [label row]
+        else:
+            pooled = regression_metrics(task.label_rows[:, test], predicted[:, test])
+        draws, ci_method = _interval_draws(task, test, predicted, settings)
+        # metric -> (pooled value, per-fold values, bootstrap draws)
+        values = {m: (float(pooled[m][0]), per_fold[m][0, idx], draws[m][:, 0]) for m in task.metric_names}
         if task.control:
-            values[f"control_{primary}"] = per_fold[primary][1, idx]
-            values["selectivity"] = per_fold[primary][0, idx] - per_fold[primary][1, idx]
+            values[f"control_{primary}"] = (float(pooled[primary][1]), per_fold[primary][1, idx], draws[primary][:, 1])
+            values["selectivity"] = (float(pooled[primary][0] - pooled[primary][1]),
+                                     per_fold[primary][0, idx] - per_fold[primary][1, idx],
+                                     draws[primary][:, 0] - draws[primary][:, 1])
         chance = dict(task.chance[split])
         chance[f"control_{primary}"], chance["selectivity"] = chance[primary], 0.0
-        test = np.concatenate([task.folds[i].test for i in idx])
-        for metric, v in values.items():
-            if len(idx) > 1:
-                mean_value, low, high = fold_ci(v)
-                ci_method = "t over folds"
-            else:
-                mean_value = float(v[0])
-                low, high = (_bootstrap(task, task.folds[idx[0]], observed[idx[0]], metric, settings)
-                             if metric in task.metric_names else (np.nan, np.nan))
-                ci_method = "bootstrap over test clips" if metric in task.metric_names else ""
-            if metric in _BOUNDS:  # a t-interval over few folds can leave the metric's range
+        for metric, (value, v, boot) in values.items():
+            low, high = (float(x) for x in percentile_interval(boot))
+            if metric in _BOUNDS:
                 low, high = (float(np.clip(x, *_BOUNDS[metric])) if np.isfinite(x) else x for x in (low, high))
             p, resolution, null_mean = np.nan, np.nan, np.nan
             if metric in task.metric_names and task.n_permutations > 0:
-                null = per_fold[metric][first_perm:, idx].mean(1)
-                p, resolution = permutation_p_value(mean_value, null)
+                null = pooled[metric][first_perm:]
+                p, resolution = permutation_p_value(value, null)
                 null_mean = float(np.nanmean(null))
+            finite = v[np.isfinite(v)]
             metric_rows.append({
-                "probe": task.name, "kind": task.kind, "split": split, "metric": metric, "value": mean_value,
+                "probe": task.name, "kind": task.kind, "split": split, "metric": metric, "value": value,
+                "fold_mean": float(finite.mean()) if len(finite) else np.nan,
                 "ci_low": low, "ci_high": high, "ci_method": ci_method,
-                "fold_std": float(np.std(v, ddof=1)) if len(v) > 1 else np.nan, "n_folds": len(idx),
+                "value_method": "pooled out-of-fold predictions" if split == CV else "predictions on the split",
+                "fold_std": float(np.std(finite, ddof=1)) if len(finite) > 1 else np.nan, "n_folds": len(idx),
                 "chance": chance[metric],
                 "chance_uniform": 1.0 / len(task.classes) if task.kind == "classification" else np.nan,
                 "null_mean": null_mean, "p_value": p, "p_resolution": resolution,
-                "n_permutations": task.n_permutations, "n_clips": len(test),
+                "n_permutations": task.n_permutations, "n_boot": settings.n_boot, "n_clips": len(test),
                 "n_speakers": len(np.unique(task.groups[test])),
                 "n_classes": len(task.classes) if task.kind == "classification" else np.nan,
             })
