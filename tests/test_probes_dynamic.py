@@ -21,6 +21,7 @@ from affectlens.probes.dynamic import (
     pool_bins,
     rating_bins,
 )
+from affectlens.probes.regression import regression_metrics
 from affectlens.probes.sweep import grouped_splits
 from affectlens.store import Store, write_store
 
@@ -160,8 +161,19 @@ def test_planted_site_carries_both_ratings_the_empty_site_none(planted):
         assert v.loc[(PLANTED, target, "pearson"), "ci_low"] > 0.9
         assert v.loc[(PLANTED, target, "r2"), "p_value"] == pytest.approx(0.05)  # its resolution, 1 / (1 + 19)
         assert v.loc[(EMPTY, target, "r2"), "value"] < 0.05
-        assert abs(v.loc[(EMPTY, target, "ccc"), "value"]) < 0.2
-        assert v.loc[(EMPTY, target, "r2"), "p_value"] > 0.05
+        # pooled out-of-fold scores of a site without signal sit at or below 0 (each test fold is
+        # predicted from the other folds' mean), and so do the permuted ones: p stays large
+        assert v.loc[(EMPTY, target, "ccc"), "value"] < 0.2
+        assert all(v.loc[(EMPTY, target, m), "p_value"] > 0.05 for m in ("r2", "ccc", "pearson"))
+        # value: the metrics of the pooled out-of-fold predictions; fold_mean: the per-fold mean
+        here = preds[preds["site"] == PLANTED]
+        pooled = regression_metrics(here[target].to_numpy(), here[f"predicted_{target}"].to_numpy())
+        for m in ("r2", "ccc", "pearson"):
+            assert v.loc[(PLANTED, target, m), "value"] == pytest.approx(float(pooled[m]), abs=1e-12)
+            assert v.loc[(PLANTED, target, m), "ci_low"] <= v.loc[(PLANTED, target, m), "value"] \
+                <= v.loc[(PLANTED, target, m), "ci_high"]
+        assert v.loc[(PLANTED, target, "r2"), "fold_mean"] != v.loc[(PLANTED, target, "r2"), "value"]
+    assert (table["ci_method"] == "bootstrap over groups").all()
     assert (table["p_resolution"] == 0.05).all() and (table["n_songs"] == 24).all() and (table["n_groups"] == 12).all()
     # out-of-fold predictions follow the rated curve at the planted site only
     here = preds[preds["site"] == PLANTED]
@@ -303,4 +315,4 @@ def test_dynamic_ratings_of_a_source_without_them_is_an_error_naming_the_dataset
     from affectlens import stages
 
     with pytest.raises(ValueError, match=r"dataset 'speech' \(source ravdess\) has no dynamic ratings"):
-        stages.dynamic_ratings(tmp_path, tmp_path / "m.tsv", "speech", {"source": "ravdess"}, tmp_path / "out.tsv")
+        stages.data.dynamic_ratings(tmp_path, tmp_path / "m.tsv", "speech", {"source": "ravdess"}, tmp_path / "out.tsv")

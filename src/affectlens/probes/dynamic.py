@@ -9,8 +9,10 @@ Windows that hold no frame of the clip are left out.
 Held out how. Folds are grouped (`groups`: the manifest's speaker, which is the artist in
 PMEmo and the song in DEAM), so every bin of a song, and every song of an artist, is on one side.
 Each fold fits one ridge probe per target (penalty chosen by grouped inner folds, as
-`regression.ridge_cv`) on all training bins and scores the test bins together: R², Lin's CCC and
-Pearson r, with a t-interval over folds.
+`regression.ridge_cv`) on all training bins and predicts the test bins. R², Lin's CCC and Pearson r
+are those of the pooled out-of-fold predictions of all bins (`value`; the mean of the per-fold
+values stands beside it as `fold_mean`), with a percentile bootstrap interval that resamples whole
+groups (artists or songs), the fitted probes held fixed.
 
 Significance. Neighbouring bins of a song are strongly dependent (ratings drift slowly, and so do
 the frames), so shuffling bins one by one would break the dependence the observed fit enjoys and
@@ -18,7 +20,8 @@ give a null too narrow (p too small). Instead whole curves are shuffled between 
 gets another song's rating curve, in its own time order, laid on its bins (mirrored back and forth
 when the donor's curve is shorter), so the null keeps each curve's autocorrelation and scale and
 asks only whether a song's frames predict *its own* curve. Every permuted target is refit through
-the same folds and penalty search; p = (1 + #{null >= observed}) / (1 + n), never below 1 / (1 + n).
+the same folds and penalty search and scored on its pooled out-of-fold predictions, as the observed
+one; p = (1 + #{null >= observed}) / (1 + n), never below 1 / (1 + n).
 
 Baseline. `acoustic_bins` computes plain audio statistics (loudness, spectral shape, flux, MFCC
 means) in exactly the same windows; probed as the pseudo-site ACOUSTIC_SITE through the same
@@ -38,10 +41,12 @@ from affectlens.probes.linear import standardise
 from affectlens.probes.regression import (
     DEFAULT_ALPHAS,
     REGRESSION_METRICS,
+    group_moments,
+    metrics_from_moments,
     regression_metrics,
     ridge_cv,
 )
-from affectlens.probes.stats import fold_ci, permutation_p_value
+from affectlens.probes.stats import group_bootstrap_sums, percentile_interval, permutation_p_value
 
 log = logging.getLogger(__name__)
 
@@ -235,12 +240,14 @@ def regress_site(X: np.ndarray, Y: np.ndarray, groups: np.ndarray, folds, alphas
 
 
 def dynamic_probe(get: Callable[[str], np.ndarray], sites: Sequence[str], bins: RatingBins, n_splits: int = 5,
-                  n_permutations: int = 99, seed: int = 0, alphas=DEFAULT_ALPHAS) -> tuple[pd.DataFrame, pd.DataFrame]:
+                  n_permutations: int = 99, seed: int = 0, alphas=DEFAULT_ALPHAS,
+                  n_boot: int = 1000) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Probe valence and arousal from the windows of every site (`get(site)` -> [bin, d]).
 
-    Returns (metrics: one row per site x target x metric with value, ci_low, ci_high over folds,
-    p_value and p_resolution from the song-curve permutations; predictions: per site x bin the
-    out-of-fold prediction of each target beside the rating)."""
+    Returns (metrics: one row per site x target x metric with value (of the pooled out-of-fold
+    predictions), fold_mean (mean of the per-fold values), ci_low and ci_high (bootstrap over
+    groups, `n_boot` draws), p_value and p_resolution from the song-curve permutations;
+    predictions: per site x bin the out-of-fold prediction of each target beside the rating)."""
     from affectlens.probes.sweep import grouped_splits, site_columns
 
     t = bins.table
@@ -254,18 +261,26 @@ def dynamic_probe(get: Callable[[str], np.ndarray], sites: Sequence[str], bins: 
     rows, preds = [], []
     for site in sites:
         metrics, pred = regress_site(get(site), Y, groups, folds, alphas, seed)
+        pooled = regression_metrics(Y.T, pred.T)  # {metric: [target row]}
+        k = len(TARGETS)
+        draws = metrics_from_moments(group_bootstrap_sums(group_moments(Y[:, :k].T, pred[:, :k].T, groups),
+                                                          n_boot, seed))  # {metric: [draw, target]}
         cols = site_columns(site)
         for j, target in enumerate(TARGETS):
             for m in REGRESSION_METRICS:
-                per_fold = metrics[m][j::len(TARGETS)]  # [observed + permutations, fold]
-                value, lo, hi = fold_ci(per_fold[0])
-                lo, hi = np.clip([lo, hi], -np.inf if m == "r2" else -1.0, 1.0)  # a t-interval knows no bounds
-                p = permutation_p_value(np.nanmean(per_fold[0]), np.nanmean(per_fold[1:], axis=1))[0] \
-                    if n_permutations else np.nan
-                rows.append({**cols, "target": target, "metric": m, "value": value, "ci_low": lo, "ci_high": hi,
+                per_fold = metrics[m][j]  # [fold], the observed target
+                value = float(pooled[m][j])
+                lo, hi = (float(x) for x in percentile_interval(draws[m][:, j]))
+                null = pooled[m][k + j::k]  # [permutation]
+                p = permutation_p_value(value, null)[0] if n_permutations else np.nan
+                rows.append({**cols, "target": target, "metric": m, "value": value,
+                             "fold_mean": float(np.nanmean(per_fold)), "ci_low": lo, "ci_high": hi,
+                             "ci_method": "bootstrap over groups", "value_method": "pooled out-of-fold predictions",
+                             "null_mean": float(np.mean(null)) if n_permutations else np.nan,
                              "p_value": p, "p_resolution": resolution, "n_permutations": n_permutations,
-                             "n_folds": len(folds), "n_songs": t["song"].nunique(), "n_groups": len(set(groups)),
-                             "n_bins": len(t), "bin_s": bins.bin_s, "lag_s": bins.lag_s})
+                             "n_boot": n_boot, "n_folds": len(folds), "n_songs": t["song"].nunique(),
+                             "n_groups": len(set(groups)), "n_bins": len(t), "bin_s": bins.bin_s,
+                             "lag_s": bins.lag_s})
         preds.append(t[["clip_id", "song", "time_s", *TARGETS]].assign(
             site=site, **{f"predicted_{target}": pred[:, j] for j, target in enumerate(TARGETS)}))
         log.info("dynamic probe %s: R² valence %.3f, arousal %.3f", site,
