@@ -174,3 +174,55 @@ def test_help_states_the_on_the_fly_mapper_is_lower_quality_and_inspect_remains(
         main(["steer", "--help"])
     assert "LOWER QUALITY" in " ".join(capsys.readouterr().out.split())
     assert main(["inspect", str(tmp_path / "missing.h5")]) == 2
+
+
+def _steer_file(tmp_path, name, refs, *extra):
+    out = tmp_path / f"{name}.wav"
+    code = main(["steer", "--input", str(refs["voice"]), "--model", "tiny-random", "--site", "encoder.blocks.0.resid_post",
+                 "--ref-from", str(refs["calm"]), "--ref-to", str(refs["angry"]), "--watermark-db", "30",
+                 "--output", str(out), *extra])
+    assert code == 0
+    return sf.read(out)[0]
+
+
+def test_alpha_is_not_ignored_and_controls_are_written(tiny, refs, tmp_path, capsys):
+    """alpha 0 is the clip (up to the watermark), alpha 2 is not; each control writes its own file:
+    gain is the clip times one number, mel_shift and random differ from the edit."""
+    voice = sf.read(refs["voice"])[0]
+    zero = _steer_file(tmp_path, "a0", refs, "--alpha", "0")
+    two = _steer_file(tmp_path, "a2", refs, "--alpha", "2")
+    assert "heard from encoder.blocks.1.resid_post" in capsys.readouterr().out  # default: the last block
+    assert wm.snr_db(voice, zero) > 25 and wm.snr_db(voice, two) < wm.snr_db(voice, zero) - 3
+    gain = _steer_file(tmp_path, "g", refs, "--alpha", "2", "--control", "gain")
+    assert "control gain" in capsys.readouterr().out
+    scale = float(np.dot(gain, voice) / np.dot(voice, voice))
+    assert wm.snr_db(scale * voice, gain) > 25  # a scaled copy of the clip, plus the watermark
+    for control in ("mel_shift", "random"):
+        other = _steer_file(tmp_path, control, refs, "--alpha", "2", "--control", control)
+        assert np.abs(other - two).max() > 1e-3 and np.abs(other - voice).max() > 1e-3, control
+
+
+def test_hear_site_and_mapper_kind_change_the_path(tiny, refs, tmp_path, capsys):
+    last = _steer_file(tmp_path, "last", refs, "--alpha", "2")
+    at_steer = _steer_file(tmp_path, "steer", refs, "--alpha", "2", "--hear-site", "steer")
+    assert "heard from encoder.blocks.0.resid_post" in capsys.readouterr().out
+    assert np.abs(last - at_steer).max() > 1e-3
+    mlp = _steer_file(tmp_path, "mlp", refs, "--alpha", "2", "--mapper", "mlp")
+    assert "mlp mapper fit on the fly" in capsys.readouterr().out and np.abs(mlp - last).max() > 1e-3
+    assert main(["steer", "--input", str(refs["voice"]), "--ref-from", str(refs["calm"]), "--ref-to",
+                 str(refs["angry"]), "--mapper", str(tmp_path / "nowhere"), "--output", str(tmp_path / "x.wav")]) == 2
+    assert "neither ridge, mlp nor a saved mapper folder" in capsys.readouterr().err
+
+
+def test_tts_blends_between_two_reference_emotions(tiny, refs, tmp_path, capsys):
+    """`tts --ref-from calm --ref-to angry --alpha a`: a neutral TTS voice moved a of the way along
+    the references' axis; a = 0 keeps it, a larger a moves it further."""
+    waves = {}
+    for a in ("0", "0.3", "1"):
+        out = tmp_path / f"tts{a}.wav"
+        assert main(["tts", "--model", "tiny-random", "--text", "Hello there.", "--ref-from", str(refs["calm"]),
+                     "--ref-to", str(refs["angry"]), "--alpha", a, "--site", SITE, "--hear-site", "steer",
+                     "--watermark-db", "30", "--output", str(out)]) == 0
+        waves[a] = sf.read(out)[0]
+    moved = {a: np.abs(waves[a] - waves["0"]).mean() for a in ("0.3", "1")}
+    assert 0 < moved["0.3"] < moved["1"]

@@ -37,9 +37,9 @@ def watermark_check(path: str, key: str) -> tuple[int, str]:
     return (0 if det.detected else 1), msg
 
 
-_MAPPER_HELP = ("folder of a saved MelMapper (cfg.json + weights.safetensors, as the workflow writes). "
-                "Without it a ridge mapper is fit on the fly on the reference clips and the input: "
-                "a few seconds of audio instead of a corpus, so LOWER QUALITY audio")
+_MAPPER_HELP = ("`ridge` or `mlp`: a mapper of that kind fit on the fly on the reference clips and the input "
+                "(a few seconds of audio instead of a corpus, so LOWER QUALITY audio; default ridge); or the folder "
+                "of a saved MelMapper (cfg.json + weights.safetensors, as the workflow writes beside vector.npy)")
 
 
 def _add_steer_args(p: argparse.ArgumentParser) -> None:
@@ -58,7 +58,17 @@ def _add_steer_args(p: argparse.ArgumentParser) -> None:
                    help="steer only activation frames [START, STOP) (a time window)")
     p.add_argument("--window", type=float, nargs=2, metavar=("START_S", "STOP_S"),
                    help="steer only this time window, in seconds (converted to frames at the model's frame rate)")
-    p.add_argument("--mapper", help=_MAPPER_HELP)
+    p.add_argument("--mapper", default="ridge", help=_MAPPER_HELP)
+    p.add_argument("--hear-site",
+                   help="site the mapper reads: `last` (the last block of the steered tower, so the edit passes "
+                        "through every block in between; the default, unless a saved --mapper folder's vector.json "
+                        "names its hear site), `steer` (the steered site itself), or a site at or after it")
+    p.add_argument("--control", choices=["gain", "mel_shift", "random"],
+                   help="write a control of the same size instead of the model's edit, to A/B against it: gain (the "
+                        "clip re-levelled to the edit's level), mel_shift (the class-mean log-mel difference of "
+                        "the reference clips, or the workflow's mel_shift.npy beside --vector; model-free), random "
+                        "(a random direction of the vector's norm, --seed)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random control's direction")
     p.add_argument("--inversion", choices=["residual", "vocoded", "direct"], default="residual",
                    help="residual: filter the clip by the predicted mel change (default); vocoded: vocode the "
                         "clip's mel plus that change; direct: vocode the mapper's prediction")
@@ -73,11 +83,23 @@ def _add_steer_args(p: argparse.ArgumentParser) -> None:
                         "an Opus 16 kbit/s re-encode with a 2x detection margin")
 
 
+def _saved_steering(path) -> dict:
+    """The vector.json the workflow writes beside a steering folder's mapper/ and vector.npy."""
+    from pathlib import Path
+
+    info = Path(path).parent / "vector.json"
+    return json.loads(info.read_text()) if info.is_file() else {}
+
+
 def steer_command(args, wave) -> str:
+    from pathlib import Path
+
+    import numpy as np
+
     from affectlens.models import load_adapter
     from affectlens.steering.inversion import MelMapper
-    from affectlens.steering.oneclip import (fit_mapper_on_the_fly, inversion_site, load_vector, load_wave,
-                                             reference_axis, steer_wave)
+    from affectlens.steering.oneclip import (control_wave, fit_mapper_on_the_fly, load_vector, load_wave,
+                                             mel_shift_from_references, reference_axis, resolve_hear_site, steer_wave)
     from affectlens.steering.vocoder import GriffinLim, load_vocoder
     from affectlens.steering.watermark import write_steered_audio
 
@@ -85,17 +107,21 @@ def steer_command(args, wave) -> str:
         raise ValueError("give both --ref-from and --ref-to, or neither")
     if args.vector is None and not args.ref_from:
         raise ValueError("give a steering vector: --vector FILE, or --ref-from A.wav --ref-to B.wav")
-    adapter = load_adapter(args.family, args.model)
-    refs_from = [load_wave(p, adapter.sample_rate) for p in args.ref_from or []]
-    refs_to = [load_wave(p, adapter.sample_rate) for p in args.ref_to or []]
     sites = args.site
     if args.vector and len(args.vector) != len(sites):
         raise ValueError(f"{len(sites)} --site but {len(args.vector)} --vector files: give one vector per site")
+    saved = args.mapper not in ("ridge", "mlp")
+    if saved and not Path(args.mapper).is_dir():
+        raise FileNotFoundError(f"--mapper {args.mapper}: neither ridge, mlp nor a saved mapper folder")
+    adapter = load_adapter(args.family, args.model)
+    refs_from = [load_wave(p, adapter.sample_rate) for p in args.ref_from or []]
+    refs_to = [load_wave(p, adapter.sample_rate) for p in args.ref_to or []]
     vectors = ([load_vector(v, args.vector_key) for v in args.vector] if args.vector
                else [reference_axis(adapter, site, refs_from, refs_to) for site in sites])
-    read = inversion_site(sites)
+    hear_spec = args.hear_site or (_saved_steering(args.mapper).get("hear_site", "steer") if saved else "last")
+    hear = resolve_hear_site(hear_spec, sites, adapter.n_blocks)
     vocoder = None if args.inversion == "residual" else load_vocoder(args.vocoder)
-    if args.mapper:
+    if saved:
         mapper, how = MelMapper.load(args.mapper), f"mapper {args.mapper}"
         if vocoder is not None and vocoder.mel_config != mapper.mel_config:
             if args.vocoder != "auto":
@@ -103,8 +129,8 @@ def steer_command(args, wave) -> str:
                                  f"{args.mapper} was trained on; use the workflow's steer.vocoder for both")
             vocoder = GriffinLim(mapper.mel_config)  # a mapper trained for Griffin-Lim (or residual filtering)
     else:
-        mapper = fit_mapper_on_the_fly(adapter, read, [*refs_from, *refs_to, wave], vocoder=vocoder)
-        how = "mapper fit on the fly (lower quality)"
+        mapper = fit_mapper_on_the_fly(adapter, hear, [*refs_from, *refs_to, wave], vocoder=vocoder, kind=args.mapper)
+        how = f"{args.mapper} mapper fit on the fly (lower quality)"
     if vocoder is not None:
         how += f", vocoder {vocoder.name}"
     frames = tuple(args.frames) if args.frames else None
@@ -112,12 +138,23 @@ def steer_command(args, wave) -> str:
         from affectlens.steering.methods import window_frames
 
         frames = window_frames(*args.window, adapter.frame_rate)
-    out = steer_wave(adapter, wave, sites, vectors, args.alpha, mapper, mode=args.inversion, frames=frames,
-                     vocoder=vocoder)
+    if args.control:
+        shift = None
+        if args.control == "mel_shift":
+            if refs_from:
+                shift = mel_shift_from_references(mapper, refs_from, refs_to, adapter.sample_rate)
+            elif args.vector and (Path(args.vector[0]).parent / "mel_shift.npy").is_file():
+                shift = np.load(Path(args.vector[0]).parent / "mel_shift.npy")
+        out = control_wave(args.control, adapter, wave, sites, vectors, args.alpha, mapper, mode=args.inversion,
+                           vocoder=vocoder, hear_site=hear, mel_shift=shift, seed=args.seed, frames=frames)
+        what = f"control {args.control} of the edit alpha {args.alpha:g}"
+    else:
+        out = steer_wave(adapter, wave, sites, vectors, args.alpha, mapper, mode=args.inversion, frames=frames,
+                         vocoder=vocoder, hear_site=hear)
+        what = f"alpha {args.alpha:g}"
     level = write_steered_audio(args.output, out, adapter.sample_rate, key=args.key, snr_db=args.watermark_db)
-    where = sites[0] if len(sites) == 1 else f"{', '.join(sites)} (heard from {read})"
-    return (f"wrote {args.output} (alpha {args.alpha:g} at {where}, {how}; labelled and watermarked "
-            f"{level:g} dB below the audio)")
+    return (f"wrote {args.output} ({what} at {', '.join(sites)}, heard from {hear}, {how}; labelled and "
+            f"watermarked {level:g} dB below the audio)")
 
 
 def main(argv: list[str] | None = None) -> int:

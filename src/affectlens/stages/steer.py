@@ -39,7 +39,7 @@ def steer(store_path, manifest_path, model_cfg: dict, contrast: dict, params: di
     from affectlens.naming import PRIMARY_METHOD, steered_wav_name
     from affectlens.steering import experiment as ex
     from affectlens.steering.inversion import change_dependence, predicted_change, round_trip_quality
-    from affectlens.steering.oneclip import site_frames
+    from affectlens.steering.oneclip import resolve_hear_site, site_frames
     from affectlens.steering.vectors import diff_of_means
     from affectlens.steering.watermark import load_any, write_steered_audio
     from affectlens.viz.steering import plot_dose_response
@@ -50,7 +50,7 @@ def steer(store_path, manifest_path, model_cfg: dict, contrast: dict, params: di
     manifest = read_manifest(manifest_path)
     adapter = build_adapter(model)
     site = model.steer_site
-    hear = hear_site(model, cfg, adapter.n_blocks)
+    hear = resolve_hear_site(cfg.hear_site, [site], adapter.n_blocks)
     vocoder, new_mapper = _inversion(cfg, adapter.frame_rate)
     judge_models = {name: ModelConfig.from_dict(m) for name, m in (judge_models or {}).items()}
     corpus, read_site, sae = _corpus(store_path, manifest, model, cfg, label_column, adapter, hear, new_mapper,
@@ -107,7 +107,11 @@ def steer(store_path, manifest_path, model_cfg: dict, contrast: dict, params: di
     # For `affectlens steer --vector out_dir/vector.npy --mapper out_dir/mapper`: fit on every speaker.
     with atomic_path(out_dir / "vector.npy") as tmp:
         np.save(tmp, diff_of_means(corpus.steer_pooled, corpus.labels, corpus.speakers, src, tgt))
-    new_mapper().fit_targets(corpus.hear_frames, corpus.mel_targets).save(out_dir / "mapper")
+    full = new_mapper().fit_targets(corpus.hear_frames, corpus.mel_targets)
+    full.save(out_dir / "mapper")
+    with atomic_path(out_dir / "mel_shift.npy") as tmp:
+        np.save(tmp, diff_of_means(ex.mean_spectra(corpus.mel_targets, full.n_mels), corpus.labels, corpus.speakers,
+                                   src, tgt))
     write_tsv(table, out_dir / "evaluation.tsv")
     write_tsv(pd.DataFrame(quality), out_dir / "inversion_quality.tsv")
     write_tsv(versus, out_dir / "controls.tsv")
@@ -122,27 +126,8 @@ def steer(store_path, manifest_path, model_cfg: dict, contrast: dict, params: di
                                          "methods": methods, "controls": list(cfg.controls),
                                          "random_seeds": [cfg.seed + s for s in range(cfg.random_seeds)],
                                          "judges": columns, "judge_level_db": cfg.judge_level_db,
-                                         "note": "vector.npy is the diff_of_means vector and mapper/ the mapper at "
-                                                 "the hear site, both fit on every speaker"})
-
-
-def hear_site(model: ModelConfig, cfg: SteerConfig, n_blocks: dict[str, int]) -> str:
-    """The site the mel mapper reads: `steer.hear_site` = `last` (the last block's resid_post of the
-    steer site's tower: the edit propagates through every block in between), `steer` (the steer
-    site itself: the mapper then sees exactly x + alpha v), or a site of the same tower at or after
-    the steer site."""
-    from affectlens.models.sites import expand_sites, parse_site
-
-    steer = parse_site(model.steer_site)
-    if cfg.hear_site == "steer":
-        return model.steer_site
-    if cfg.hear_site == "last":
-        return f"{steer.tower}.blocks.{n_blocks[steer.tower] - 1}.resid_post"
-    hear = parse_site(expand_sites([cfg.hear_site], n_blocks)[0])
-    if hear.tower != steer.tower or hear.depth < steer.depth:
-        raise ValueError(f"steer.hear_site {cfg.hear_site!r} must be in the steer site's tower at or after "
-                         f"{model.steer_site!r}")
-    return str(hear)
+                                         "note": "vector.npy is the diff_of_means vector, mapper/ the mapper at the hear "
+                                                 "site and mel_shift.npy the mel_shift control, fit on every speaker"})
 
 
 def _inversion(cfg: SteerConfig, frame_rate: float):

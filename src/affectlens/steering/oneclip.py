@@ -66,19 +66,20 @@ def reference_axis(adapter, site: str, ref_from: list[np.ndarray], ref_to: list[
     return (pooled(ref_to) - pooled(ref_from)).astype(np.float32)
 
 
-def fit_mapper_on_the_fly(adapter, site: str, waves: list[np.ndarray], seed: int = 0, vocoder=None):
-    """A ridge MelMapper fit on just these clips (no corpus; in `vocoder`'s mel format when given):
-    usable, lower quality than a saved one."""
+def fit_mapper_on_the_fly(adapter, site: str, waves: list[np.ndarray], seed: int = 0, vocoder=None,
+                          kind: str = "ridge"):
+    """A MelMapper of `kind` (ridge, mlp) fit on just these clips (no corpus; in `vocoder`'s mel
+    format when given): usable, lower quality than a saved one."""
     from affectlens.steering.inversion import MelMapper
 
-    mapper = (MelMapper(seed=seed) if vocoder is None
-              else MelMapper.for_vocoder(vocoder, adapter.frame_rate, seed=seed))
+    mapper = (MelMapper(kind=kind, seed=seed) if vocoder is None
+              else MelMapper.for_vocoder(vocoder, adapter.frame_rate, kind=kind, seed=seed))
     return mapper.fit([site_frames(adapter, w, site) for w in waves], waves, sr=adapter.sample_rate)
 
 
 def inversion_site(sites: list[str]) -> str:
-    """The site a multi-site edit is heard from: the deepest one (its activations carry the effect of
-    every edit upstream of it), resid_post first within a block."""
+    """The deepest of several steered sites (its activations carry the effect of every edit upstream
+    of it), resid_post first within a block."""
     from affectlens.models.sites import parse_site
 
     parsed = {s: parse_site(s) for s in sites}
@@ -89,20 +90,88 @@ def inversion_site(sites: list[str]) -> str:
     return max(sites, key=lambda s: (parsed[s].depth, parsed[s].point == "resid_post"))
 
 
-def steer_wave(adapter, wave: np.ndarray, site: str | list[str], vector, alpha: float, mapper,
-               mode: str = "residual", frames: tuple[int, int] | None = None, vocoder=None) -> np.ndarray:
-    """Add alpha * vector at `site` (only in activation frames [start, stop) when `frames` is given)
-    and invert the steered activations to a wave at the adapter's rate. Several sites: `site` and
-    `vector` are lists, one vector per site, all applied in one forward pass, and the mapper reads
-    the deepest of them (`inversion_site`)."""
-    from affectlens.steering.inversion import invert
+def resolve_hear_site(spec: str, sites: list[str], n_blocks: dict[str, int]) -> str:
+    """The site the mel mapper reads for an edit at `sites`: `last` (the last block's resid_post of
+    their tower: the edit propagates through every block in between), `steer` (the deepest steered
+    site itself: the mapper then sees exactly x + alpha v, and a ridge mapper's change is one fixed
+    spectral curve for every frame), or a site of the same tower at or after the deepest steered site."""
+    from affectlens.models.sites import expand_sites, parse_site
+
+    deepest = inversion_site(sites)
+    steer = parse_site(deepest)
+    if spec == "steer":
+        return deepest
+    if spec == "last":
+        return f"{steer.tower}.blocks.{n_blocks[steer.tower] - 1}.resid_post"
+    hear = parse_site(expand_sites([spec], n_blocks)[0])
+    if hear.tower != steer.tower or hear.depth < steer.depth:
+        raise ValueError(f"hear site {spec!r} must be in the steered site's tower at or after {deepest!r}")
+    return str(hear)
+
+
+def _interventions(sites, vectors, alpha, frames):
     from affectlens.steering.vectors import add_vector
+
+    if len(vectors) != len(sites):
+        raise ValueError(f"{len(sites)} sites but {len(vectors)} steering vectors: give one vector per site")
+    return {s: add_vector(v, alpha, frames=frames) for s, v in zip(sites, vectors)}
+
+
+def steer_wave(adapter, wave: np.ndarray, site: str | list[str], vector, alpha: float, mapper,
+               mode: str = "residual", frames: tuple[int, int] | None = None, vocoder=None,
+               hear_site: str | None = None) -> np.ndarray:
+    """Add alpha * vector at `site` (only in activation frames [start, stop) when `frames` is given)
+    and invert the change this makes at `hear_site` (default the deepest steered site) to a wave
+    at the adapter's rate; `mapper` must read `hear_site`. Several sites: `site` and `vector` are
+    lists, one vector per site, all applied in one forward pass."""
+    from affectlens.steering.inversion import invert
 
     sites = [site] if isinstance(site, str) else list(site)
     vectors = [vector] if isinstance(site, str) else list(vector)
-    if len(vectors) != len(sites):
-        raise ValueError(f"{len(sites)} sites but {len(vectors)} steering vectors: give one vector per site")
-    read = inversion_site(sites)
+    edits = _interventions(sites, vectors, alpha, frames)
+    read = hear_site or inversion_site(sites)
     unsteered = site_frames(adapter, wave, read)
-    steered = site_frames(adapter, wave, read, {s: add_vector(v, alpha, frames=frames) for s, v in zip(sites, vectors)})
+    steered = site_frames(adapter, wave, read, edits)
     return invert(mapper, unsteered, steered, wave, mode=mode, vocoder=vocoder, sr=adapter.sample_rate)
+
+
+CONTROLS = ("gain", "mel_shift", "random")
+
+
+def mel_shift_from_references(mapper, ref_from: list[np.ndarray], ref_to: list[np.ndarray], sr: int = SR) -> np.ndarray:
+    """[n_mels]: mean log-mel spectrum (the mapper's mel format) of the `to` clips minus the `from` clips."""
+    from affectlens.io_audio import resample
+    from affectlens.steering.inversion import log_mel
+
+    cfg = mapper.mel_config
+    spectrum = lambda waves: np.mean([log_mel(resample(w, sr, cfg.sr), cfg).mean(0) for w in waves], axis=0)  # noqa: E731
+    return (spectrum(ref_to) - spectrum(ref_from)).astype(np.float32)
+
+
+def control_wave(control: str, adapter, wave: np.ndarray, site: str | list[str], vector, alpha: float, mapper,
+                 mode: str = "residual", vocoder=None, hear_site: str | None = None, mel_shift=None,
+                 seed: int = 0, frames: tuple[int, int] | None = None) -> np.ndarray:
+    """The control a listener A/Bs against the model's edit of the same size (steering.experiment):
+    `gain` the clip re-levelled to the steered wave's active level; `mel_shift` alpha * `mel_shift`
+    [n_mels] on every frame, rendered like the edit (model-free); `random` a random direction per
+    site with its vector's norm (seed `seed`), through the model like the edit."""
+    from affectlens.steering.evaluate import active_level_db, relevel
+    from affectlens.steering.experiment import random_directions
+    from affectlens.steering.inversion import render_change
+
+    sites = [site] if isinstance(site, str) else list(site)
+    vectors = [vector] if isinstance(site, str) else list(vector)
+    if control == "gain":
+        steered = steer_wave(adapter, wave, sites, vectors, alpha, mapper, mode, frames, vocoder, hear_site)
+        return relevel(wave, adapter.sample_rate, active_level_db(steered, adapter.sample_rate))
+    if control == "random":
+        randoms = [random_directions(len(v), float(np.linalg.norm(v)), 1, seed + i)[0] for i, v in enumerate(vectors)]
+        return steer_wave(adapter, wave, sites, randoms, alpha, mapper, mode, frames, vocoder, hear_site)
+    if control == "mel_shift":
+        if mel_shift is None:
+            raise ValueError("the mel_shift control needs a mel shift: reference clips (--ref-from/--ref-to) or "
+                             "the mel_shift.npy the workflow saves beside vector.npy")
+        hear0 = site_frames(adapter, wave, hear_site or inversion_site(sites))
+        change = np.tile(alpha * np.asarray(mel_shift, np.float32), (len(hear0) * mapper.upsample, 1))
+        return render_change(mapper, hear0, change, wave, mode=mode, vocoder=vocoder, sr=adapter.sample_rate)
+    raise ValueError(f"control {control!r}: choose from {CONTROLS}")
