@@ -25,7 +25,7 @@ def tiny_workflow(tmp_path_factory):
 
     work = tmp_path_factory.mktemp("wf")
     cfg = json.loads(json.dumps(TINY))
-    cfg["models"]["tiny"]["source"] = str(tiny_whisper(work / "tiny-whisper"))
+    cfg["models"]["tiny"]["source"] = cfg["models"]["judge"]["source"] = str(tiny_whisper(work / "tiny-whisper"))
     (work / "tiny.yaml").write_text(yaml.safe_dump(cfg))
     first = snakemake(work)
     assert first.returncode == 0, first.stderr[-4000:]

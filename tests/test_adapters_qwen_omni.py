@@ -227,7 +227,7 @@ def test_talker_sites_over_a_speech_generation_and_their_positions(family, monke
     row: the prompt-conditioned prefix (Qwen2.5-Omni: the whole prompt with the audio span at its
     token times; Qwen3-Omni: the user turn, then 9 assistant rows), then codec frames at k / rate.
     Qwen3-Omni's Talker rows also equal its own output_hidden_states step by step."""
-    from affectlens.steering.omni import generate_speech
+    from affectlens.models.omni_generate import generate_speech
 
     adapter = tiny(family, monkeypatch, full=True)
     clip = clips()[0]
@@ -304,7 +304,7 @@ def test_stored_talker_sites_are_the_generation_runs_rows_and_thinker_sites_stay
     states), its positions `talker_positions` (prefix, then code rows at k / codec_rate), its pooled
     mean the mean over the code rows; the Thinker and audio rows are those of a store without
     speech sites (the prompt forward, batched), untouched by the generation run's own Thinker pass."""
-    from affectlens.steering.omni import generate_speech
+    from affectlens.models.omni_generate import generate_speech
 
     adapter = speaking(family, monkeypatch)
     data = clips()[:2]

@@ -28,7 +28,7 @@ from affectlens.probes.stats import confusion, metrics_from_confusion, trivial_s
 from affectlens.probes.study import DEFAULTS, resolve, run_probe_study
 from affectlens.probes.sweep import (FitSettings, build_tasks, classification_task, probe_sweep, probe_task,
                                      sweep_arrays, sweep_tasks)
-from affectlens.steering.vectors import diff_of_means
+from affectlens.probes.axis import diff_of_means
 from affectlens.store import Store, write_store
 
 SITES = ["encoder.embed"] + [f"encoder.blocks.{b}.resid_post" for b in range(4)]

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from affectlens.models.sites import SiteError
-from affectlens.settings import ModelConfig, SettingsError, SteerConfig, readout_site
+from affectlens.models.config import ModelConfig, SettingsError, readout_site
+from affectlens.settings import SteerConfig
 
 SCHEMA = yaml.safe_load((Path(__file__).resolve().parents[1] / "workflow/schemas/config.schema.yaml").read_text())
 

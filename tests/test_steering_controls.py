@@ -193,7 +193,7 @@ def test_controls_render_through_the_same_path(planted):
     by = {(o.method, o.seed): o for o in outs}
     d = (log_mel(by["mel_shift", None].wave) - log_mel(wave)).mean(0)
     assert d[32:38].mean() > 1.5 and np.abs(d[:25]).mean() < 0.1
-    from affectlens.steering.evaluate import active_level_db
+    from affectlens.acoustics import active_level_db
 
     assert active_level_db(by["gain", None].wave, SR) == pytest.approx(active_level_db(by["diff_of_means", None].wave,
                                                                                         SR), abs=0.05)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from affectlens.steering.omni import chrf, generate_answer, generate_speech, token_similarity
+from affectlens.models.omni_generate import generate_answer, generate_speech
+from affectlens.steering.omni import chrf, token_similarity
 from affectlens.steering.vectors import add_vector
 from test_adapters_qwen_omni import clips, tiny
 

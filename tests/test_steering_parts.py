@@ -6,10 +6,12 @@ import soundfile as sf
 import torch
 
 from affectlens.io_audio import write_wav
-from affectlens.steering.evaluate import AcousticJudge, acoustic_features, ACOUSTIC_FEATURE_NAMES, prosody
+from affectlens.acoustics import ACOUSTIC_FEATURE_NAMES, acoustic_features, prosody
+from affectlens.steering.judge import AcousticJudge
 from affectlens.steering.inversion import (
     MelMapper, apply_mel_change, invert, log_mel, mel_to_wave, round_trip_quality, stack_context, steered_log_mel, target_mel)
-from affectlens.steering.vectors import add_vector, diff_of_means, project
+from affectlens.probes.axis import diff_of_means
+from affectlens.steering.vectors import add_vector, project
 from affectlens.steering.vocoder import GriffinLim
 
 SR = 16000

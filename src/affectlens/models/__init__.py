@@ -59,7 +59,7 @@ def build_adapter(model) -> Adapter:
     or its mapping): family, weights, revision, device or device_map, the towers its sites name,
     and the family's own options. Extraction, patching, steering, SAE fidelity and tracing all
     run the model that extraction stored."""
-    from affectlens.settings import ModelConfig
+    from affectlens.models.config import ModelConfig
 
     m = ModelConfig.from_dict(model)
     return load_adapter(m.family, m.source, device=m.device, dtype=m.dtype, revision=m.revision,

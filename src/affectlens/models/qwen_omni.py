@@ -292,10 +292,10 @@ class QwenOmniAdapter(Adapter):
     def forward(self, batch: Batch) -> torch.Tensor:
         """The Thinker's next-token logits [clip, token, vocab]. The Talker does not run here (it
         needs the Thinker's answer): its sites are read by `generated_rows` and steered during
-        generation (`affectlens.steering.omni`)."""
+        generation (`affectlens.models.omni_generate`)."""
         if self._speech_sites:
             raise ValueError(f"{self.model_id}: the sites {self._speech_sites} belong to the Talker, which runs only "
-                             "while speech is generated (affectlens.steering.omni.generate_speech), not in a forward "
+                             "while speech is generated (affectlens.models.omni_generate.generate_speech), not in a forward "
                              "over the prompt, so they cannot be patched: patch audio, vision or thinker sites "
                              "(extraction reads Talker sites from a generation run per clip)")
         return self.thinker(**batch.inputs, use_cache=False).logits
@@ -304,7 +304,7 @@ class QwenOmniAdapter(Adapter):
         """One clip's activations at talker/predictor `sites` as the module docstring defines them:
         every row of the greedy spoken answer under `generation_settings`, what each row is, and
         the means over the code rows."""
-        from affectlens.steering.omni import generate_speech  # (the generation loop)
+        from affectlens.models.omni_generate import generate_speech  # (the generation loop)
 
         wrong = [s for s in sites if s.split(".", 1)[0] not in self.generated_towers]
         if wrong:

@@ -11,7 +11,7 @@ checks that it is a real direction rather than a fit to the clips it came from.
   without a jump (small max_step_share) and monotone per-clip curves mean the class is reached
   gradually along the axis (the seed's "you can interpolate smoothly").
 
-The axis is the one `steering.vectors.diff_of_means` builds for steering, so what is checked here
+`diff_of_means` (here) is also the steering stage's vector, so what is checked here
 is what gets added during steering.
 """
 
@@ -28,7 +28,32 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from affectlens.probes.linear import standardise
 from affectlens.probes.stats import fold_ci
-from affectlens.steering.vectors import diff_of_means
+
+
+def diff_of_means(X: np.ndarray, labels, speakers, source: str, target: str) -> np.ndarray:
+    """[d]: mean over speakers of (mean of the speaker's `target` clips - mean of their `source`
+    clips), for X [clip, d]. Speakers lacking either class are skipped; none having both is an
+    error."""
+    X = np.asarray(X, dtype=np.float64)
+    labels = np.asarray(labels).astype(str)
+    speakers = np.asarray(speakers).astype(str)
+    if X.ndim != 2 or not (len(X) == len(labels) == len(speakers)):
+        raise ValueError(f"X must be [clip, d] with one label and speaker per clip; got X {X.shape}, "
+                         f"{len(labels)} labels, {len(speakers)} speakers")
+    if source == target:
+        raise ValueError(f"source and target are the same class {source!r}")
+    diffs = []
+    for spk in np.unique(speakers):
+        mine = speakers == spk
+        s, t = mine & (labels == source), mine & (labels == target)
+        if s.any() and t.any():
+            diffs.append(X[t].mean(0) - X[s].mean(0))
+    if not diffs:
+        present = sorted(set(labels.tolist()))
+        raise ValueError(f"no speaker has clips of both {source!r} and {target!r} (labels present: {present}); "
+                         "check the study's concept names against the manifest's label column")
+    return np.mean(diffs, axis=0).astype(np.float32)
+
 
 INTERPOLATION_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 

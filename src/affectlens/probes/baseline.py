@@ -3,7 +3,7 @@
 A probe that reads emotion from a model's activations shows that the *audio* carries emotion as
 much as that the *model* encodes it. The baseline separates the two: the same speaker-grouped
 cross-validation, permutation test and control task run on plain acoustic statistics (MFCC
-mean/std, delta-MFCC std, pitch and energy statistics: `steering.evaluate.acoustic_features`),
+mean/std, delta-MFCC std, pitch and energy statistics: `acoustics.acoustic_features`),
 entered in the sweep as the pseudo-site `acoustic.mfcc_stats`. A model site is interesting where
 it beats this row, not where it beats chance.
 """
@@ -30,7 +30,7 @@ def is_pseudo_site(site: str) -> bool:
 
 def _one_clip(path: str, start, end, sr: int) -> np.ndarray:
     from affectlens.data.decode import decode_clip
-    from affectlens.steering.evaluate import acoustic_features
+    from affectlens.acoustics import acoustic_features
 
     return acoustic_features(decode_clip(path, start, end, sr=sr), sr)
 
@@ -39,7 +39,7 @@ def acoustic_feature_table(manifest: pd.DataFrame, n_jobs: int = 1, sr: int = 16
     """One row per manifest clip: `clip_id` + the acoustic features (ACOUSTIC_FEATURE_NAMES) of
     the clip's audio (`path`, cut to `start`/`end` when given). `n_jobs` > 1 spreads clips over
     processes."""
-    from affectlens.steering.evaluate import ACOUSTIC_FEATURE_NAMES
+    from affectlens.acoustics import ACOUSTIC_FEATURE_NAMES
 
     for col in ("clip_id", "path"):
         if col not in manifest.columns:

@@ -11,8 +11,8 @@ import pandas as pd
 from affectlens.stages.common import write_tsv
 
 from affectlens.models import build_adapter
-from affectlens.settings import ModelConfig
-from affectlens.settings import readout_site as pick_readout
+from affectlens.models.config import ModelConfig
+from affectlens.models.config import readout_site as pick_readout
 
 log = logging.getLogger("affectlens")
 

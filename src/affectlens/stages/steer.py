@@ -10,7 +10,8 @@ import pandas as pd
 
 from affectlens.io import atomic_path, write_json
 from affectlens.models import build_adapter
-from affectlens.settings import ModelConfig, SteerConfig, readout_site
+from affectlens.models.config import ModelConfig, readout_site
+from affectlens.settings import SteerConfig
 from affectlens.stages.common import write_tsv
 
 log = logging.getLogger("affectlens")
@@ -40,7 +41,7 @@ def steer(store_path, manifest_path, model_cfg: dict, contrast: dict, params: di
     from affectlens.steering import experiment as ex
     from affectlens.steering.inversion import change_dependence, predicted_change, round_trip_quality
     from affectlens.steering.oneclip import resolve_hear_site, site_frames
-    from affectlens.steering.vectors import diff_of_means
+    from affectlens.probes.axis import diff_of_means
     from affectlens.steering.watermark import load_any, write_steered_audio
     from affectlens.viz.steering import plot_dose_response
 
@@ -152,7 +153,7 @@ def _corpus(store_path, manifest, model: ModelConfig, cfg: SteerConfig, label_co
     """(Corpus, readout site, SAE or None): what the run reads of the store and the clips."""
     from affectlens.data.decode import decode_clip
     from affectlens.probes.sweep import align_manifest
-    from affectlens.steering.evaluate import acoustic_feature_matrix, relevel
+    from affectlens.acoustics import acoustic_feature_matrix, relevel
     from affectlens.steering.experiment import Corpus
     from affectlens.steering.oneclip import site_frames
     from affectlens.store import Store
@@ -188,7 +189,7 @@ def _judge_factory(corpus, cfg: SteerConfig, target: str, adapter, read_site: st
     """judges(others, pair) -> Judges fit on the rows `pair` (the other speakers' source and target clips);
     each judge model (built once) reads its own readout site."""
     from affectlens.probes.linear import LinearProbe
-    from affectlens.steering.evaluate import AcousticJudge
+    from affectlens.steering.judge import AcousticJudge
     from affectlens.steering.experiment import JudgeModel, Judges
 
     asr = build_adapter({"family": "whisper", "source": cfg.asr_source, "sites": ["encoder.embed"]})
@@ -249,7 +250,7 @@ def steer_music(store_path, manifest_path, model: ModelConfig, contrast: dict, c
     from affectlens.data.manifest import read_manifest
     from affectlens.probes.sweep import align_manifest
     from affectlens.steering.music import evaluate_music, generate_steered, summarise_music
-    from affectlens.steering.vectors import diff_of_means
+    from affectlens.probes.axis import diff_of_means
     from affectlens.steering.watermark import write_steered_audio
     from affectlens.store import Store
     from affectlens.viz.steering import plot_music_dose_response

@@ -92,7 +92,7 @@ class Judges:
     def judge(self, wave: np.ndarray, original: np.ndarray, reference: str) -> tuple[dict, str]:
         """(numbers, transcript) of one output: judges' P(target) at one active level, prosody and
         level of the raw output, word error rate against `reference`, speaker similarity."""
-        from affectlens.steering.evaluate import acoustic_features, prosody, relevel
+        from affectlens.acoustics import acoustic_features, prosody, relevel
         from affectlens.steering.text import transcribe, word_error_rate
 
         level = relevel(wave, self.sr, self.level_db)
@@ -134,7 +134,7 @@ def fit_speaker(corpus: Corpus, speaker: str, source: str, target: str, methods:
     """Every method's edit, the controls' ingredients, the mapper and the judges, from the clips of
     speakers other than `speaker`; `judges(others, pair)` builds the Judges from row indices."""
     from affectlens.steering.methods import fit_steerer
-    from affectlens.steering.vectors import diff_of_means
+    from affectlens.probes.axis import diff_of_means
 
     others = np.flatnonzero(corpus.speakers != speaker)
     pair = others[np.isin(corpus.labels[others], [source, target])]
@@ -179,7 +179,7 @@ def render_clip(adapter, wave: np.ndarray, fit: SpeakerFit, steer_site: str, hea
                 controls: list[str], mode: str, vocoder=None, primary: str = "diff_of_means") -> list[Output]:
     """The clip, then alpha = 0 once (every method and control leaves the clip as it is there: the
     round trip through the inversion path), then each method, and each control, per nonzero alpha."""
-    from affectlens.steering.evaluate import active_level_db, relevel
+    from affectlens.acoustics import active_level_db, relevel
     from affectlens.steering.inversion import change_dependence, predicted_change, render_change
     from affectlens.steering.oneclip import site_frames
     from affectlens.steering.vectors import add_vector

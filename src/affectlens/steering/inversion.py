@@ -621,7 +621,7 @@ def round_trip_quality(mapper: MelMapper, frames: np.ndarray, wave: np.ndarray, 
     clip itself and needs no row. Compare steered clips with the unsteered clip taken through the
     same path, not with the original.
     """
-    from affectlens.steering.evaluate import pitch_agreement, prosody
+    from affectlens.acoustics import pitch_agreement, prosody
 
     cfg = mapper.mel_config
     sr = sr or mapper.sr

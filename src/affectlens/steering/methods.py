@@ -119,7 +119,8 @@ def fit_steerer(method: str, X: np.ndarray, labels, speakers, source: str, targe
     `pca_vector` of paired differences (needs `pair_keys`); sae: `concept_edits` of the SAE's
     pooled `latents` [clip, n_latents] (k_features clamped on, k_features zeroed) applied by
     `sae_edit`."""
-    from affectlens.steering.vectors import add_vector, diff_of_means
+    from affectlens.probes.axis import diff_of_means
+    from affectlens.steering.vectors import add_vector
 
     if method == "sae":
         from affectlens.steering.sae_edit import concept_edits, sae_edit

@@ -155,7 +155,7 @@ def control_wave(control: str, adapter, wave: np.ndarray, site: str | list[str],
     `gain` the clip re-levelled to the steered wave's active level; `mel_shift` alpha * `mel_shift`
     [n_mels] on every frame, rendered like the edit (model-free); `random` a random direction per
     site with its vector's norm (seed `seed`), through the model like the edit."""
-    from affectlens.steering.evaluate import active_level_db, relevel
+    from affectlens.acoustics import active_level_db, relevel
     from affectlens.steering.experiment import random_directions
     from affectlens.steering.inversion import render_change
 

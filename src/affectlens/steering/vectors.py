@@ -1,7 +1,8 @@
-"""Steering vectors: find a concept direction in a site's activations and add it during a forward.
+"""Steering vectors added during a forward, and projections on them.
 
-The direction is a per-speaker difference of means, so what a speaker's voice contributes to both
-classes cancels and speakers with more clips of one class cannot bend it.
+The default direction is `probes.axis.diff_of_means`: a per-speaker difference of means, so what a
+speaker's voice contributes to both classes cancels and speakers with more clips of one class
+cannot bend it.
 """
 
 from __future__ import annotations
@@ -10,31 +11,6 @@ import numpy as np
 import torch
 
 from affectlens.models.base import Intervention
-
-
-def diff_of_means(X: np.ndarray, labels, speakers, source: str, target: str) -> np.ndarray:
-    """[d]: mean over speakers of (mean of the speaker's `target` clips - mean of their `source`
-    clips), for X [clip, d]. Speakers lacking either class are skipped; none having both is an
-    error."""
-    X = np.asarray(X, dtype=np.float64)
-    labels = np.asarray(labels).astype(str)
-    speakers = np.asarray(speakers).astype(str)
-    if X.ndim != 2 or not (len(X) == len(labels) == len(speakers)):
-        raise ValueError(f"X must be [clip, d] with one label and speaker per clip; got X {X.shape}, "
-                         f"{len(labels)} labels, {len(speakers)} speakers")
-    if source == target:
-        raise ValueError(f"source and target are the same class {source!r}")
-    diffs = []
-    for spk in np.unique(speakers):
-        mine = speakers == spk
-        s, t = mine & (labels == source), mine & (labels == target)
-        if s.any() and t.any():
-            diffs.append(X[t].mean(0) - X[s].mean(0))
-    if not diffs:
-        present = sorted(set(labels.tolist()))
-        raise ValueError(f"no speaker has clips of both {source!r} and {target!r} (labels present: {present}); "
-                         "check the study's concept names against the manifest's label column")
-    return np.mean(diffs, axis=0).astype(np.float32)
 
 
 def project(X: np.ndarray, v: np.ndarray) -> np.ndarray:
