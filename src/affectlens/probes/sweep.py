@@ -11,8 +11,9 @@ splits (fit on train, scored on each other split, each reported as its own `spli
 
 Metrics per split: `value` is the metric of the pooled out-of-fold predictions (for classification,
 of the confusion matrix summed over folds), as published SER numbers are; the mean of the per-fold
-values, which for macro-F1 falls below the pooled one (Forman & Scholz 2010), stands beside it as
-`fold_mean`, and the per-fold values themselves are the `folds` table. The interval is a percentile
+values, a biased estimate for F1 (Forman & Scholz 2010: well below the pooled one when a fold misses
+a rare class) and weighted by fold rather than by clip, stands beside it as `fold_mean`, and the
+per-fold values themselves are the `folds` table. The interval is a percentile
 bootstrap of the pooled value that resamples whole speakers of the test clips (clips, when a split
 holds a single speaker; `ci_method` says which), with the fitted probes held fixed.
 
