@@ -34,6 +34,7 @@ def test_the_study_file_with_a_hub_model_plans_every_stage(tmp_path, model):
     cfg["datasets"]["ravdess"]["ravdess"] = {}  # no root: the Zenodo download
     cfg["models"] = {"hub": {"sites": ["encoder.embed", "encoder.blocks.*.resid_post"], **model}}
     cfg["studies"]["ravdess"]["models"] = ["hub"]
+    cfg["steer"]["judge_models"] = []  # the study's judges are its two Whisper models
     result = snakemake(tmp_path, cfg, "-n", "--quiet", "rules")
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = {}
@@ -55,6 +56,7 @@ def test_six_real_actors_whisper_reads_emotion_above_chance_and_the_mfcc_baselin
     cfg["datasets"]["ravdess"]["ravdess"] = {"root": str(SHARED), "actors": [1, 2, 3, 4, 5, 6]}
     cfg["models"] = {"whisper-tiny-en": cfg["models"]["whisper-tiny-en"]}
     cfg["studies"]["ravdess"]["models"] = ["whisper-tiny-en"]
+    cfg["steer"]["judge_models"] = []
     cfg["probe"] |= {"n_permutations": 19}  # the study's actor-grouped folds, fewer permutations
     target = "results/probe/ravdess/whisper-tiny-en/sweep.tsv"
     result = snakemake(tmp_path, cfg, target)
