@@ -37,12 +37,11 @@ def steer(store_path, manifest_path, model_cfg: dict, contrast: dict, params: di
     from tqdm import tqdm
 
     from affectlens.data.manifest import read_manifest
-    from affectlens.naming import PRIMARY_METHOD, steered_wav_name
+    from affectlens.naming import PRIMARY_METHOD
     from affectlens.steering import experiment as ex
-    from affectlens.steering.inversion import change_dependence, predicted_change, round_trip_quality
+    from affectlens.steering.inversion import round_trip_quality
     from affectlens.steering.oneclip import resolve_hear_site, site_frames
     from affectlens.probes.axis import diff_of_means
-    from affectlens.steering.watermark import load_any, write_steered_audio
     from affectlens.viz.steering import plot_dose_response
 
     src, tgt = contrast["source"], contrast["target"]
@@ -64,6 +63,7 @@ def steer(store_path, manifest_path, model_cfg: dict, contrast: dict, params: di
     log.info("steering %s -> %s at %s, heard at %s (%s mapper, %s inversion); methods %s, controls %s",
              src, tgt, site, hear, cfg.mapper, cfg.inversion, methods, list(cfg.controls))
 
+    primary = PRIMARY_METHOD if PRIMARY_METHOD in methods else methods[0]  # gain matches its level
     chosen = choose_clips(manifest, label_column, src, cfg.n_clips, cfg.seed)
     records, quality, fitted = [], [], {}
     for i in tqdm(chosen, desc=f"steer {src}->{tgt}", unit="clip"):
@@ -74,24 +74,17 @@ def steer(store_path, manifest_path, model_cfg: dict, contrast: dict, params: di
         fit = fitted[spk]
         clip_id, wave = str(manifest["clip_id"].iloc[i]), corpus.waves[i]
         outputs = ex.render_clip(adapter, wave, fit, site, hear, list(cfg.alphas), list(cfg.controls), cfg.inversion,
-                                 vocoder=vocoder)
-        hear0 = site_frames(adapter, wave, hear)
-        steered = site_frames(adapter, wave, hear, {site: fit.edits[methods[0]](max(cfg.alphas))})
+                                 vocoder=vocoder, primary=primary)
+        edit = next((o for o in outputs if o.method == primary and o.alpha == max(cfg.alphas)), None)
         quality.append({"clip_id": clip_id, "speaker": spk, "vocoder": vocoder.name if vocoder else "none",
                         "mapper": cfg.mapper, "steer_site": site, "hear_site": hear,
-                        "change_dependence": change_dependence(predicted_change(fit.mapper, hear0, steered),
-                                                               fit.mapper.upsample),
-                        **round_trip_quality(fit.mapper, hear0, wave, vocoder=vocoder, sr=corpus.sr)})
+                        "alpha": max(cfg.alphas), "change_dependence": edit.change_dependence if edit else np.nan,
+                        **round_trip_quality(fit.mapper, site_frames(adapter, wave, hear), wave, vocoder=vocoder,
+                                             sr=corpus.sr)})
         reference, reference_source = _reference(manifest, i, fit.judges, wave)
         for out in outputs:
-            numbers, transcript, name, mark = _judge_output(out, clip_id, wave, reference, fit.judges, cfg, out_dir,
-                                                            steered_wav_name, write_steered_audio, load_any)
-            rows = [out] if out.method != "all" else [
-                ex.Output(m, kind, 0.0, s, out.wave, out.change_dependence)
-                for m, kind, s in [(m, "method", None) for m in methods]
-                + [(c, "control", None) for c in cfg.controls if c != "random"]
-                + [("random", "control", s) for s in range(len(fit.random_vectors))]]
-            for o in rows:
+            numbers, transcript, name, mark = _judge_output(out, clip_id, wave, reference, fit.judges, cfg, out_dir)
+            for o in ex.shared_zero(out, methods, list(cfg.controls), len(fit.random_vectors)):
                 records.append({"clip_id": clip_id, "speaker": spk, "method": o.method, "kind": o.kind,
                                 "output": "original" if o.kind == "original" else f"{o.alpha:g}",
                                 "alpha": o.alpha, "seed": np.nan if o.seed is None else o.seed, **numbers,
@@ -228,16 +221,19 @@ def _reference(manifest, i: int, judges, wave) -> tuple[str, str]:
     return transcribe(judges.asr, wave), "asr"
 
 
-def _judge_output(out, clip_id, original, reference, judges, cfg: SteerConfig, out_dir: Path, name_of, write, load):
-    """Write one output (not the original) watermarked, read it back and judge what was written."""
+def _judge_output(out, clip_id, original, reference, judges, cfg: SteerConfig, out_dir: Path):
+    """(numbers, transcript, file name, watermark level) of one output: the original is judged as it
+    is; any other output is written watermarked and what was written is read back and judged."""
+    from affectlens.naming import PRIMARY_METHOD, steered_wav_name
+    from affectlens.steering.watermark import load_any, write_steered_audio
+
     if out.kind == "original":
         numbers, transcript = judges.judge(original, original, reference)
         return numbers, transcript, "", np.nan
-    method = "diff_of_means" if out.method == "all" else out.method
-    name = name_of(clip_id, method, out.alpha, out.seed)
-    mark = write(out_dir / "audio" / name, out.wave, judges.sr, key=cfg.watermark_key, snr_db=cfg.watermark_snr_db)
-    heard = load(out_dir / "audio" / name)[0]
-    numbers, transcript = judges.judge(heard, original, reference)
+    name = steered_wav_name(clip_id, PRIMARY_METHOD if out.method == "all" else out.method, out.alpha, out.seed)
+    mark = write_steered_audio(out_dir / "audio" / name, out.wave, judges.sr, key=cfg.watermark_key,
+                               snr_db=cfg.watermark_snr_db)
+    numbers, transcript = judges.judge(load_any(out_dir / "audio" / name)[0], original, reference)
     return numbers, transcript, name, mark
 
 

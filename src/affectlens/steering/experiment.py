@@ -219,6 +219,16 @@ def render_clip(adapter, wave: np.ndarray, fit: SpeakerFit, steer_site: str, hea
     return outputs
 
 
+def shared_zero(out: Output, methods: list[str], controls: list[str], n_seeds: int) -> list[Output]:
+    """The evaluation rows of one output: itself, or for the alpha = 0 output (method "all") one
+    row per method and control (random: per seed), which all share that one file and its numbers."""
+    if out.method != "all":
+        return [out]
+    who = [(m, "method", None) for m in methods] + [(c, "control", None) for c in controls if c != "random"]
+    who += [("random", "control", s) for s in range(n_seeds)]
+    return [Output(m, kind, 0.0, s, out.wave, out.change_dependence) for m, kind, s in who]
+
+
 # --- tables --------------------------------------------------------------------------------------------
 def summarise(table: pd.DataFrame, judge_columns: list[str]) -> pd.DataFrame:
     """Per method or control (random: seeds averaged per clip first) and output: means over clips,
