@@ -165,7 +165,7 @@ def test_trace_stage_reads_the_decoded_manifest_and_writes_tables_and_heatmaps(p
     params = {"counterfactuals": ["mean:0:4", "reverse"], "slices": ["visual", "text", "visual_frames:4:8"],
               "sites": ["decoder.embed", "decoder.blocks.*.resid_post"], "n_questions": None,
               "answer_style": "letter", "max_batch": 8, "seed": 0}
-    model = {"family": planted.family, "source": str(tmp_path / "model"), "device": "cpu"}
+    model = {"family": planted.family, "source": str(tmp_path / "model"), "device": "cpu", "sites": params["sites"]}
     out = tmp_path / "trace"
     stages.patch.trace(manifest, {"source": "video_qa"}, model, params, out / "per_question.tsv", out / "pairs.tsv",
                  out / "summary.tsv", out / "heatmaps")

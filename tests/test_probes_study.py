@@ -10,7 +10,6 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.linear_model import RidgeCV
@@ -25,7 +24,7 @@ from affectlens.probes.outcomes import outcome_tasks, patch_outcomes
 from affectlens.probes.regression import RidgeProbe, regression_metrics, ridge_cv, ridge_gcv
 from affectlens.probes.representation import cohens_d, representation_stats
 from affectlens.probes.stats import confusion, metrics_from_confusion, trivial_scores
-from affectlens.probes.study import DEFAULTS, resolve, run_probe_study
+from affectlens.probes.study import run_probe_study
 from affectlens.probes.sweep import (FitSettings, build_tasks, classification_task, probe_sweep, probe_task,
                                      sweep_arrays, sweep_tasks)
 from affectlens.probes.axis import diff_of_means
@@ -337,19 +336,6 @@ def test_patch_outcomes_label_flipping_clips_and_feed_the_sweep():
 
 
 # --- the stage and its figures ------------------------------------------------------------------
-
-def test_schema_defaults_equal_the_package_defaults():
-    schema = yaml.safe_load(open("workflow/schemas/config.schema.yaml"))["properties"]["probe"]["properties"]
-    for key, spec in schema.items():
-        assert "description" in spec, key
-        if spec.get("type") == "object":
-            assert {k: v["default"] for k, v in spec["properties"].items()} == DEFAULTS[key]
-        else:
-            assert spec["default"] == DEFAULTS[key], key
-    assert set(schema) == set(DEFAULTS)
-    with pytest.raises(KeyError, match="n_split"):
-        resolve({"n_split": 3})
-
 
 def test_run_probe_study_writes_every_table_and_figure(tmp_path):
     acts, manifest = planted(seed=9, n_speakers=4)

@@ -3,7 +3,7 @@ that picks its readout site. `build_adapter` (models/__init__.py) builds the ada
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Any, Mapping
 
 from affectlens.models.sites import parse_pattern
@@ -21,6 +21,10 @@ def build_section(cls, values: Mapping | None, key: str):
     unknown = sorted(set(values) - known)
     if unknown:
         raise SettingsError(f"{key}: unknown key(s) {unknown}; known: {sorted(known)}")
+    missing = [f.name for f in fields(cls) if f.name not in values
+               and f.default is MISSING and f.default_factory is MISSING]
+    if missing:
+        raise SettingsError(f"{key}: missing required key(s) {missing}")
     lists = {f.name for f in fields(cls) if str(f.type).startswith("tuple")}
     return cls(**{k: tuple(v) if k in lists and isinstance(v, list) else v for k, v in values.items()})
 

@@ -16,6 +16,8 @@ import logging
 import numpy as np
 import pandas as pd
 
+from affectlens.settings import ProbeConfig
+
 log = logging.getLogger(__name__)
 
 DIRECTIONS = {"denoising": "corrupt_clip", "noising": "clean_clip"}  # direction -> the clip that was run
@@ -81,23 +83,22 @@ def outcome_tasks(outcomes: pd.DataFrame, manifest: pd.DataFrame, group_column: 
 
 
 def run_outcome_probe(store_path, manifest: pd.DataFrame, effects: pd.DataFrame, pairs: pd.DataFrame,
-                      params: dict | None, out_sweep, direction: str = "denoising", threads: int = 1) -> pd.DataFrame:
+                      params: ProbeConfig | dict | None, out_sweep, direction: str = "denoising", threads: int = 1) -> pd.DataFrame:
     """Probe every store site for every patched site's outcome (flips / holds) and write the tidy
     table (the sweep's columns; `probe` = flip@{patched site}). With too few patched clips for any
     task (the default patch stage draws a handful of pairs) the table is written empty, with a log
     line saying why."""
     from affectlens.io import atomic_path
-    from affectlens.probes.study import resolve
     from affectlens.probes.sweep import FitSettings, align_manifest, read_pooled, sweep_tasks
     from affectlens.store import Store
 
-    p = resolve(params)
+    p = ProbeConfig.from_dict(params)
     outcomes = patch_outcomes(effects, pairs, direction)
-    tasks = outcome_tasks(outcomes, manifest, n_splits=p["n_splits"], n_permutations=p["n_permutations"],
-                          seed=p["seed"])
+    tasks = outcome_tasks(outcomes, manifest, n_splits=p.n_splits, n_permutations=p.n_permutations,
+                          seed=p.seed)
     table = pd.DataFrame()
     if tasks:
-        settings = FitSettings(C=p["C"], class_weight=p["class_weight"], max_iter=p["max_iter"], seed=p["seed"])
+        settings = FitSettings(C=p.C, class_weight=p.class_weight, max_iter=p.max_iter, seed=p.seed)
         with Store(store_path) as st:
             rows = align_manifest(st.clip_ids, manifest, ["speaker"], where=str(st.path))
             table = sweep_tasks(lambda s: read_pooled(st, s, rows), st.sites, tasks, settings, threads)[0].metrics

@@ -1,7 +1,7 @@
 """The probe stage of one (dataset, model): every table and figure of `results/probe/{dataset}/{model}/`.
 
-`run_probe_study` is what `stages.probe` calls; `DEFAULTS` mirror the `probe` subtree of the
-config schema (a test keeps the two equal), so direct callers may pass only what they change.
+`run_probe_study` is what `stages.probe` calls; its settings are a `settings.ProbeConfig` (or a
+partial mapping of it), so direct callers may pass only what they change.
 """
 
 from __future__ import annotations
@@ -13,46 +13,9 @@ from pathlib import Path
 import pandas as pd
 
 from affectlens.io import atomic_path
+from affectlens.settings import ProbeConfig
 
 log = logging.getLogger(__name__)
-
-DEFAULTS = {
-    "n_splits": 4,
-    "C": 1.0,
-    "n_permutations": 99,
-    "seed": 0,
-    "class_weight": None,
-    "max_iter": 1000,
-    "pairs": [],
-    "regression_columns": [],
-    "ridge_alphas": [0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0, 100000.0],
-    "splits": "auto",
-    "n_boot": 1000,
-    "acoustic_baseline": True,
-    "effect_size": 0.5,
-    "time_resolved": {"sites": None, "bin_s": 0.5, "max_bins": 20},
-    "projection_site": None,
-}
-
-
-def resolve(params: dict | None) -> dict:
-    """`params` over DEFAULTS (one level deep for nested settings); unknown keys are errors."""
-    params = dict(params or {})
-    unknown = set(params) - set(DEFAULTS)
-    if unknown:
-        raise KeyError(f"unknown probe settings {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-    out = {}
-    for k, v in DEFAULTS.items():
-        if isinstance(v, dict):
-            given = params.get(k) or {}
-            bad = set(given) - set(v)
-            if bad:
-                raise KeyError(f"unknown probe.{k} settings {sorted(bad)}; known: {sorted(v)}")
-            out[k] = {**v, **given}
-        else:
-            out[k] = params.get(k, v)
-    return out
-
 
 def _write(df: pd.DataFrame, path) -> None:
     with atomic_path(path) as tmp:
@@ -79,7 +42,7 @@ def best_site(sweep: pd.DataFrame, probe: str, split: str | None = None) -> str:
     return str(rows.loc[rows["value"].idxmax(), "site"])
 
 
-def run_probe_study(store_path, manifest: pd.DataFrame, params: dict | None, label_column: str,
+def run_probe_study(store_path, manifest: pd.DataFrame, params: ProbeConfig | dict | None, label_column: str,
                     outputs: dict, pairs: Sequence[Sequence[str]] = (), readout_site: str | None = None,
                     acoustic_path=None, threads: int = 1) -> pd.DataFrame:
     """Probe every site of the store for the study's tasks and write `outputs` (keys: sweep,
@@ -96,42 +59,42 @@ def run_probe_study(store_path, manifest: pd.DataFrame, params: dict | None, lab
     from affectlens.viz.curves import plot_layer_curve, plot_time_curve
     from affectlens.viz.projection import plot_projection
 
-    p = resolve(params)
-    all_pairs = list(dict.fromkeys(tuple(str(x) for x in pair) for pair in [*pairs, *p["pairs"]]))
-    if p["splits"] == "official" or (p["splits"] == "auto" and "split" in manifest.columns
+    p = ProbeConfig.from_dict(params)
+    tr = p.time_resolved
+    all_pairs = list(dict.fromkeys(tuple(str(x) for x in pair) for pair in [*pairs, *p.pairs]))
+    if p.splits == "official" or (p.splits == "auto" and "split" in manifest.columns
                                      and has_official_splits(manifest["split"])):
         split_column = "split"
     else:
         split_column = None
     baseline = None
-    if acoustic_path is not None and p["acoustic_baseline"]:
+    if acoustic_path is not None and p.acoustic_baseline:
         baseline = read_acoustic_features(acoustic_path, manifest["clip_id"])
     with Store(store_path) as store:
         model_id = store.attrs.get("model_id", "model")
         sweep = probe_sweep(
-            store, manifest, label_column=label_column, n_splits=p["n_splits"], C=p["C"],
-            n_permutations=p["n_permutations"], seed=p["seed"], class_weight=p["class_weight"],
+            store, manifest, label_column=label_column, n_splits=p.n_splits, C=p.C,
+            n_permutations=p.n_permutations, seed=p.seed, class_weight=p.class_weight,
             confusion_path=outputs["confusion"], folds_path=outputs.get("folds"), n_threads=threads,
-            pairs=all_pairs, regression_columns=p["regression_columns"], split_column=split_column,
-            baseline=baseline, alphas=p["ridge_alphas"], n_boot=p["n_boot"], max_iter=p["max_iter"],
-            representation_path=outputs.get("representation"), effect_size=p["effect_size"])
+            pairs=all_pairs, regression_columns=p.regression_columns, split_column=split_column,
+            baseline=baseline, alphas=p.ridge_alphas, n_boot=p.n_boot, max_iter=p.max_iter,
+            representation_path=outputs.get("representation"), effect_size=p.effect_size)
         held = (f"official splits (fit on train; {', '.join(sorted(set(sweep['split']) - {'speakers'}))})"
                 if split_column else f"{manifest['speaker'].nunique()} speakers held out in turn")
         title = f"{model_id}: probes of {label_column} ({held})"
         _write(sweep, outputs["sweep"])
         plot_layer_curve(sweep, outputs["curve"], title=title)
 
-        sites_tr = p["time_resolved"]["sites"]
-        if sites_tr is None:
-            sites_tr = [readout_site or store.sites[-1]]
+        sites_tr = tr.sites
+        sites_tr = [readout_site or store.sites[-1]] if sites_tr is None else list(sites_tr)
         if outputs.get("time_resolved"):
             if sites_tr:
                 curves, rep_bins = time_resolved(
-                    store, manifest, sites_tr, label_column, bin_s=p["time_resolved"]["bin_s"],
-                    max_bins=p["time_resolved"]["max_bins"], n_splits=p["n_splits"], seed=p["seed"],
-                    settings=FitSettings(C=p["C"], class_weight=p["class_weight"], max_iter=p["max_iter"],
-                                         alphas=tuple(p["ridge_alphas"]), n_boot=p["n_boot"], seed=p["seed"]),
-                    split_column=split_column, effect_size=p["effect_size"])
+                    store, manifest, sites_tr, label_column, bin_s=tr.bin_s,
+                    max_bins=tr.max_bins, n_splits=p.n_splits, seed=p.seed,
+                    settings=FitSettings(C=p.C, class_weight=p.class_weight, max_iter=p.max_iter,
+                                         alphas=tuple(p.ridge_alphas), n_boot=p.n_boot, seed=p.seed),
+                    split_column=split_column, effect_size=p.effect_size)
             else:
                 curves, rep_bins = pd.DataFrame(), pd.DataFrame()
             _write(curves, outputs["time_resolved"])
@@ -149,7 +112,7 @@ def run_probe_study(store_path, manifest: pd.DataFrame, params: dict | None, lab
                     _placeholder(outputs["time_curve"], "no time-resolved probe: probe.time_resolved.sites is empty")
                 else:
                     plot_time_curve(curves, outputs["time_curve"],
-                                    title=f"{model_id}: {label_column} probes per {p['time_resolved']['bin_s']:g} s bin")
+                                    title=f"{model_id}: {label_column} probes per {tr.bin_s:g} s bin")
 
         main_probe = label_column
         best = best_site(sweep, main_probe)
@@ -160,7 +123,7 @@ def run_probe_study(store_path, manifest: pd.DataFrame, params: dict | None, lab
             plot_confusions(conf, shown, outputs["confusion_plot"], probe=main_probe, split=split,
                             title=f"{model_id}: {label_column}, best site vs acoustic baseline ({split})")
         if outputs.get("projection"):
-            site = p["projection_site"] or readout_site or best
+            site = p.projection_site or readout_site or best
             rows = align_manifest(store.clip_ids, manifest, [label_column], where=str(store.path))
             X = read_pooled(store, site, rows)
             groups = manifest["speaker"].astype(str).to_numpy() if "speaker" in manifest.columns else None

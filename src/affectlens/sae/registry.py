@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from affectlens.sae.base import SAEConfig
 from affectlens.sae.batchtopk import BatchTopKConfig, BatchTopKSAE
 from affectlens.sae.jumprelu import JumpReLUConfig, JumpReLUSAE
 from affectlens.sae.relu import ReLUConfig, ReLUSAE
@@ -26,6 +29,22 @@ def _lookup(architecture: str):
     if architecture not in ARCHITECTURES:
         raise ValueError(f"unknown SAE architecture {architecture!r}; known: {sorted(ARCHITECTURES)}")
     return ARCHITECTURES[architecture]
+
+
+def own_keys(architecture: str) -> tuple[str, ...]:
+    """The config keys `architecture` adds to the shared SAEConfig (topk: k; relu: l1_coef; ...)."""
+    shared = {f.name for f in dataclasses.fields(SAEConfig)}
+    return tuple(f.name for f in dataclasses.fields(_lookup(architecture)[0]) if f.name not in shared)
+
+
+def config_from_settings(architecture: str, settings: Mapping, **fixed) -> SAEConfig:
+    """The config of `architecture` from a settings mapping (the workflow's `sae:` section) that
+    holds the keys of every architecture: this architecture's config takes the shared keys and its
+    own (`own_keys`) that the mapping has, and leaves the other architectures' keys alone; `fixed`
+    (e.g. d_in, read off the data) is given as is."""
+    config_cls = _lookup(architecture)[0]
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    return config_cls.from_dict({**{k: v for k, v in settings.items() if k in known}, **fixed})
 
 
 def build(architecture: str, **cfg) -> torch.nn.Module:

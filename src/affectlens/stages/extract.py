@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 
 from affectlens.models import build_adapter
+from affectlens.models.config import ModelConfig
 
 log = logging.getLogger("affectlens")
 
 
-def extract(manifest_path, model_cfg: dict, out_store, shard: str | None = None, shard_stores=()) -> None:
+def extract(manifest_path, model_cfg: ModelConfig | dict, out_store, shard: str | None = None, shard_stores=()) -> None:
     """Every configured site over the manifest's clips into one store. With `shard` ("i-of-n",
     0-based) only that slice of clips; with `shard_stores` nothing is run: the shards are merged
     (refusing gaps, overlaps and shards made with other settings) and the merge is verified."""
@@ -28,11 +29,12 @@ def extract(manifest_path, model_cfg: dict, out_store, shard: str | None = None,
     if shard is not None:
         i, n = parse_shard(shard)
         clip_range = shard_range(len(manifest), i, n)
-    adapter = build_adapter(model_cfg)
+    m = ModelConfig.from_dict(model_cfg)
+    adapter = build_adapter(m)
     log.info("extracting clips %s of %d with %s (revision %s) on %s", clip_range or "all", len(manifest),
              adapter.model_id, adapter.revision, adapter.device)
-    load_clip = clip_loader(adapter, decode_clip, text_column=model_cfg.get("text_column", "text"),
-                            prompt=model_cfg.get("prompt"))
-    extract_store(manifest, adapter, model_cfg["sites"], out_store, load_clip=load_clip,
-                  batch_size=model_cfg.get("batch_size", 8), chunk_clips=model_cfg.get("chunk_clips", 64),
-                  storage_dtype=model_cfg.get("storage_dtype", "float16"), config=model_cfg, clip_range=clip_range)
+    load_clip = clip_loader(adapter, decode_clip, text_column=m.text_column, prompt=m.prompt)
+    extract_store(manifest, adapter, list(m.sites), out_store, load_clip=load_clip,
+                  batch_size=m.batch_size, chunk_clips=m.chunk_clips,
+                  storage_dtype=m.storage_dtype,
+                  config=m.options() if isinstance(model_cfg, ModelConfig) else model_cfg, clip_range=clip_range)

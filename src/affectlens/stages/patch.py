@@ -13,11 +13,13 @@ from affectlens.stages.common import write_tsv
 from affectlens.models import build_adapter
 from affectlens.models.config import ModelConfig
 from affectlens.models.config import readout_site as pick_readout
+from affectlens.settings import PatchConfig, TraceConfig
 
 log = logging.getLogger("affectlens")
 
 
-def patch(store_path, manifest_path, model_cfg: dict, contrast: dict, params: dict, label_column: str,
+def patch(store_path, manifest_path, model_cfg: ModelConfig | dict, contrast: dict, params: PatchConfig | dict,
+          label_column: str,
           out_pairs, out_effects, out_summary, out_agreement=None) -> None:
     """Exact patching (and, with `attribution`, its gradient estimate on the same grid) of every
     stored site × time window for one contrast. The corrupt run comes from `corruption`: the
@@ -34,7 +36,9 @@ def patch(store_path, manifest_path, model_cfg: dict, contrast: dict, params: di
     from affectlens.probes.sweep import fit_readout
     from affectlens.store import Store
 
-    corruption = params.get("corruption", "pairs")
+    params = PatchConfig.from_dict(params)
+    model_cfg = ModelConfig.from_dict(model_cfg)
+    corruption = params.corruption
     manifest = read_manifest(manifest_path)
     adapter = build_adapter(model_cfg)
     embed = f"{next(iter(adapter.n_blocks))}.embed"
@@ -46,22 +50,22 @@ def patch(store_path, manifest_path, model_cfg: dict, contrast: dict, params: di
         if len(sites) < len(store.sites):
             log.info("patching skips %s: read while speech is generated, not by the prompt forward",
                      sorted(set(store.sites) - set(sites)))
-        readout_site = pick_readout(ModelConfig.from_dict(model_cfg), store.sites, generated)
+        readout_site = pick_readout(model_cfg, store.sites, generated)
         probe = fit_readout(store, manifest, readout_site, label_column=label_column)
         if corruption == "noise":
             if embed not in sites:
                 raise ValueError(f"patch.corruption: noise scales the noise by the corpus std of {embed}, which "
                                  f"{store_path} lacks: add {embed!r} to the model's `sites`")
-            noise_sigma = params.get("noise_factor", 3.0) * corpus_std(store.frame_chunks(embed))
+            noise_sigma = params.noise_factor * corpus_std(store.frame_chunks(embed))
     weight, bias, classes = probe.readout()
     metric = ProbeLogitDiff.from_readout(readout_site, weight, bias, classes, contrast["source"], contrast["target"])
     if corruption == "pairs":
-        pairs = make_pairs(manifest, contrast["source"], contrast["target"], params["n_pairs"], params["seed"],
+        pairs = make_pairs(manifest, contrast["source"], contrast["target"], params.n_pairs, params.seed,
                            label_column=label_column)
     else:
-        pairs = self_pairs(manifest, contrast["target"], params["n_pairs"], params["seed"], label_column=label_column)
+        pairs = self_pairs(manifest, contrast["target"], params.n_pairs, params.seed, label_column=label_column)
     described = {"pairs": f"paired {contrast['source']} clip (same pair_key)",
-                 "noise": f"N(0, sigma = {params.get('noise_factor', 3.0):g} x corpus std of {embed} = {noise_sigma:.4g}) "
+                 "noise": f"N(0, sigma = {params.noise_factor:g} x corpus std of {embed} = {noise_sigma:.4g}) "
                           f"on {embed}",
                  "prosody_neutral": "the clip with rate equalised, pitch and energy flattened"}[corruption]
     log.info("corruption: %s", described)
@@ -70,14 +74,13 @@ def patch(store_path, manifest_path, model_cfg: dict, contrast: dict, params: di
     reference_rate = None
     if corruption == "prosody_neutral":
         # The corpus's typical speaking rate, from a speaker-spread draw over all labels.
-        sample = draw_over_speakers(manifest, params.get("rate_reference_clips", 32), params["seed"])
+        sample = draw_over_speakers(manifest, params.rate_reference_clips, params.seed)
         reference_rate = float(np.median([speaking_rate(decode_clip(p), adapter.sample_rate) for p in sample["path"]]))
         log.info("prosody_neutral: reference speaking rate %.2f onsets/s over %d clips", reference_rate, len(sample))
         pairs = pairs.assign(reference_rate=reference_rate)
     write_tsv(pairs, out_pairs)
-    size = int(round(params["window_s"] * adapter.frame_rate))
-    stride = max(1, int(round(params["stride_s"] * adapter.frame_rate)))
-    max_batch = params.get("max_batch", 16)
+    size = int(round(params.window_s * adapter.frame_rate))
+    stride = max(1, int(round(params.stride_s * adapter.frame_rate)))
     effects = []
     for pair in tqdm(pairs.itertuples(), total=len(pairs), desc="patch pairs", unit="pair"):
         clean_wave = decode_clip(by_id.loc[pair.clean_clip, "path"])
@@ -85,18 +88,18 @@ def patch(store_path, manifest_path, model_cfg: dict, contrast: dict, params: di
         if corruption == "prosody_neutral":
             corrupt_wave = prosody_neutral(clean_wave, adapter.sample_rate, reference_rate)
         clean, corrupt = adapter.prepare([clean_wave]), adapter.prepare([corrupt_wave])
-        noise = ({embed: embedding_noise(noise_sigma, corrupt.n_frames, seed=params["seed"])}
+        noise = ({embed: embedding_noise(noise_sigma, corrupt.n_frames, seed=params.seed)}
                  if corruption == "noise" else None)
         windows = time_windows(max(clean.n_frames[0], corrupt.n_frames[0]), size, stride)
-        df = patch_pair(adapter, clean, corrupt, sites, windows, metric, max_batch, corrupt_interventions=noise)
-        if params.get("attribution", True):
+        df = patch_pair(adapter, clean, corrupt, sites, windows, metric, params.max_batch, corrupt_interventions=noise)
+        if params.attribution:
             df = pd.concat([df, attribute_pair(adapter, clean, corrupt, sites, windows, metric, noise)],
                            ignore_index=True)
         df.insert(0, "pair_id", pair.pair_id)
         effects.append(df)
     effects = pd.concat(effects, ignore_index=True)
     write_tsv(effects, out_effects)
-    summary = summarise(effects, seed=params["seed"]).assign(corruption=corruption, noise_sigma=noise_sigma)
+    summary = summarise(effects, seed=params.seed).assign(corruption=corruption, noise_sigma=noise_sigma)
     write_tsv(summary, out_summary)
     if out_agreement is not None:
         agree = agreement(summary, effects)
@@ -154,7 +157,7 @@ def heatmaps(summaries: dict[str, list[str]], out_dir) -> None:
 TRACE_FAMILIES = ("qwen2-vl", "qwen2.5-vl")
 
 
-def trace(manifest_path, dataset_cfg: dict, model_cfg: dict, params: dict, out_table, out_pairs, out_summary,
+def trace(manifest_path, dataset_cfg: dict, model_cfg: ModelConfig | dict, params: TraceConfig | dict, out_table, out_pairs, out_summary,
           out_heatmaps) -> pd.DataFrame:
     """Causal tracing of video QA (affectlens.patching.video): per question, the model's answer
     among the candidates, each counterfactual video, every LM site x token slice patched both
@@ -166,20 +169,21 @@ def trace(manifest_path, dataset_cfg: dict, model_cfg: dict, params: dict, out_t
     from affectlens.patching.video import questions_from_manifest, trace_pairs, trace_question, trace_summary
     from affectlens.viz.heatmap import plot_patch_heatmap
 
+    params, model_cfg = TraceConfig.from_dict(params), ModelConfig.from_dict(model_cfg)
     if dataset_cfg.get("source") != "video_qa":
         raise ValueError(f"trace: the dataset's source is {dataset_cfg.get('source')!r}; tracing reads a video_qa "
                          "dataset (questions with candidates about a video)")
-    if model_cfg.get("family") not in TRACE_FAMILIES:
-        raise ValueError(f"trace: model family {model_cfg.get('family')!r}; tracing runs a video-language model "
+    if model_cfg.family not in TRACE_FAMILIES:
+        raise ValueError(f"trace: model family {model_cfg.family!r}; tracing runs a video-language model "
                          f"of the families {TRACE_FAMILIES}")
-    questions = questions_from_manifest(read_manifest(manifest_path), params.get("n_questions"), params["seed"],
+    questions = questions_from_manifest(read_manifest(manifest_path), params.n_questions, params.seed,
                                         where=str(manifest_path))
     adapter = build_adapter(model_cfg)
-    sites = adapter.sites(params["sites"])
+    sites = adapter.sites(list(params.sites))
     log.info("tracing %d questions: counterfactuals %s, slices %s, %d sites", len(questions),
-             params["counterfactuals"], params["slices"], len(sites))
-    tables = [trace_question(adapter, q, params["counterfactuals"], sites, params["slices"],
-                             max_batch=params["max_batch"], answer_style=params["answer_style"])
+             params.counterfactuals, params.slices, len(sites))
+    tables = [trace_question(adapter, q, list(params.counterfactuals), sites, list(params.slices),
+                             max_batch=params.max_batch, answer_style=params.answer_style)
               for q in tqdm(questions, desc="trace questions", unit="question")]
     table = pd.concat(tables, ignore_index=True)
     write_tsv(table, out_table)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -11,12 +12,14 @@ import pandas as pd
 from affectlens.stages.common import write_tsv
 
 from affectlens.models import build_adapter
+from affectlens.models.config import ModelConfig
+from affectlens.settings import SaeConfig
 
 log = logging.getLogger("affectlens")
 
 
-def sae(store_path, manifest_path, site: str, params: dict, label_column: str, out_dir,
-        model_cfg: dict | None = None, checkpoint=None) -> None:
+def sae(store_path, manifest_path, site: str, params: SaeConfig | dict, label_column: str, out_dir,
+        model_cfg: ModelConfig | dict | None = None, checkpoint=None) -> None:
     """Train the site's SAE (resumable from `checkpoint`), then explain its features into out_dir:
     features.tsv (feature x label: densities, mean activation and difference, effect size, AUROC,
     rank), top_clips.tsv (each feature's top clips with the frame of peak activation),
@@ -27,24 +30,18 @@ def sae(store_path, manifest_path, site: str, params: dict, label_column: str, o
     from affectlens.probes.sweep import align_manifest
     from affectlens.sae.concept import sparse_probe
     from affectlens.sae.features import clip_features, feature_stats, peak_frames, top_activating
-    from affectlens.sae.registry import ARCHITECTURES, load_sae
+    from affectlens.sae.registry import config_from_settings, load_sae
     from affectlens.sae.train import train_sae
     from affectlens.store import Store
     from affectlens.viz.dashboard import write_dashboard
 
-    arch = params["architecture"]
-    config_cls = ARCHITECTURES[arch][0]
-    specific = {"topk": ["k"], "batchtopk": ["k"], "relu": ["l1_coef"], "jumprelu": ["l0_coef"]}[arch]
+    params = SaeConfig.from_dict(params)
     out_dir = Path(out_dir)
     manifest = read_manifest(manifest_path)
     with Store(store_path) as store:
-        cfg = config_cls.from_dict({
-            "d_in": store.dim(site), "expansion": params["expansion"], "n_samples": params["n_samples"],
-            "batch_size": params["batch_size"], "lr": params["lr"], "seed": params["seed"],
-            # A latent is dead if it has not fired for a quarter of training (at least one batch).
-            "dead_tokens": max(params["batch_size"], params["n_samples"] // 4),
-            **{key: params[key] for key in specific},
-        })
+        # A latent is dead if it has not fired for a quarter of training (at least one batch).
+        cfg = config_from_settings(params.architecture, dataclasses.asdict(params), d_in=store.dim(site),
+                                   dead_tokens=max(params.batch_size, params.n_samples // 4))
         metrics = train_sae(store, site, cfg, out_dir, checkpoint=checkpoint)
         log.info("SAE %s: %s", site, metrics)
         model = load_sae(out_dir)
@@ -58,7 +55,7 @@ def sae(store_path, manifest_path, site: str, params: dict, label_column: str, o
         stats = feature_stats(clips.acts[rows], labels, frame_density=clips.frame_density)
         stats["rank"] = (stats.groupby("label")["effect_size"].rank(ascending=False, method="first") - 1).astype(int)
         write_tsv(stats, out_dir / "features.tsv")
-        top = peak_frames(model, store, site, top_activating(clips.acts, store.clip_ids, n=params["top_clips"]))
+        top = peak_frames(model, store, site, top_activating(clips.acts, store.clip_ids, n=params.top_clips))
         write_tsv(top, out_dir / "top_clips.tsv")
 
         groups = manifest["speaker"].astype(str).to_numpy() if "speaker" in manifest else None
@@ -68,23 +65,23 @@ def sae(store_path, manifest_path, site: str, params: dict, label_column: str, o
         for label in sorted(set(labels)):
             if (labels == label).all():
                 continue
-            t = sparse_probe(clips.acts[rows], labels == label, groups=groups, ks=params["sparse_probe_k"],
-                             seed=params["seed"])
+            t = sparse_probe(clips.acts[rows], labels == label, groups=groups, ks=params.sparse_probe_k,
+                             seed=params.seed)
             probes.append(t.assign(label=label))
         if probes:
             write_tsv(pd.concat(probes, ignore_index=True), out_dir / "sparse_probe.tsv")
 
         # -- downstream fidelity --------------------------------------------------------------
         fidelity = None
-        if model_cfg is not None and params["fidelity_clips"] > 0:
+        if model_cfg is not None and params.fidelity_clips > 0:
             fidelity = _sae_fidelity(store, manifest, rows, labels, site, model, model_cfg, params)
             write_tsv(fidelity, out_dir / "fidelity.tsv")
 
     audio = dict(zip(manifest["clip_id"].astype(str), manifest["path"].astype(str)))
     write_dashboard(out_dir / "dashboard.html", site, stats, top, audio, clip_acts=clips.acts,
                     clip_labels=dict(zip(manifest["clip_id"].astype(str), labels)), metrics=metrics,
-                    fidelity=fidelity, n_features=params["dashboard_features"],
-                    title=f"SAE features at {site} ({arch}, {cfg.n_latents} latents)")
+                    fidelity=fidelity, n_features=params.dashboard_features,
+                    title=f"SAE features at {site} ({params.architecture}, {cfg.n_latents} latents)")
     write_json(out_dir / "metrics.json", metrics)  # last, and atomically: the folder is complete
 
 
@@ -97,8 +94,8 @@ def _sae_fidelity(store, manifest, rows, labels, site, sae_model, model_cfg, par
     from affectlens.sae.fidelity import output_head_for, splice_fidelity
 
     order = np.argsort(rows)  # manifest rows in store order; the held-out clips come last
-    test = order[-params["fidelity_clips"]:]
-    train = order[:-params["fidelity_clips"]]
+    test = order[-params.fidelity_clips:]
+    train = order[:-params.fidelity_clips]
     here = parse_site(site)
     later = [s for s in store.sites if parse_site(s).tower == here.tower and parse_site(s).depth > here.depth]
     readouts = {}
