@@ -167,7 +167,7 @@ def _child(args) -> None:
     cfg = json.loads(Path(args.config).read_text())
     import affectlens.extract  # noqa: F401 - imports before the mark
     import affectlens.patching.patch  # noqa: F401
-    import affectlens.probes.study  # noqa: F401
+    import affectlens.probes.sweep  # noqa: F401
     import affectlens.sae.train  # noqa: F401
     import affectlens.stages  # noqa: F401
     import matplotlib.pyplot  # noqa: F401

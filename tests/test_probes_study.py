@@ -24,7 +24,7 @@ from affectlens.probes.outcomes import outcome_tasks, patch_outcomes
 from affectlens.probes.regression import RidgeProbe, regression_metrics, ridge_cv, ridge_gcv
 from affectlens.probes.representation import cohens_d, representation_stats
 from affectlens.probes.stats import confusion, metrics_from_confusion, trivial_scores
-from affectlens.probes.study import run_probe_study
+from affectlens.stages.probe import run_probe_study
 from affectlens.probes.sweep import (FitSettings, build_tasks, classification_task, probe_sweep, probe_task,
                                      sweep_arrays, sweep_tasks)
 from affectlens.probes.axis import diff_of_means

@@ -2,7 +2,6 @@ import sys
 
 sys.path.insert(0, f"{snakemake.scriptdir}/../../src")  # the package, also inside `--sdm conda` envs
 from affectlens import stages  # noqa: E402
-from affectlens.probes.study import concat_sweeps  # noqa: E402
 
 with stages.logged(snakemake.log[0]):
-    concat_sweeps(list(snakemake.input), snakemake.output.table, study=snakemake.wildcards.study)
+    stages.probe.concat_sweeps(list(snakemake.input), snakemake.output.table, study=snakemake.wildcards.study)

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from affectlens.viz.curves import _save_atomic
+from affectlens.viz.curves import save_atomic
 
 
 def confusion_matrix_of(conf_df: pd.DataFrame, site: str, probe: str | None = None, split: str | None = None):
@@ -54,5 +54,5 @@ def plot_confusions(conf_df: pd.DataFrame, sites: list[str], path: str | Path, p
     fig.colorbar(im, ax=axes.tolist(), shrink=0.7, label="share of the true class")
     if title:
         fig.suptitle(title, fontsize=10)
-    _save_atomic(fig, Path(path))
+    save_atomic(fig, Path(path))
     return Path(path)

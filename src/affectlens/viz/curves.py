@@ -60,7 +60,9 @@ def _panels(df: pd.DataFrame) -> dict[tuple, pd.DataFrame]:
     return panels
 
 
-def _save_atomic(fig: Figure, path: Path) -> None:
+def save_atomic(fig: Figure, path: Path) -> None:
+    """Write `fig` as a PNG to `path` under a temporary name renamed when complete (every viz module's
+    figures, and the stages' placeholders)."""
     FigureCanvasAgg(fig)  # Agg without pyplot: no global backend switch, no figure registry
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=150, bbox_inches="tight")
@@ -152,7 +154,7 @@ def plot_layer_curve(sweep_df: pd.DataFrame, path: str | Path, title: str = "") 
         if 1 / (n_perm + 1) > _ALPHA:
             info += f"; too few permutations to ever reach p ≤ {_ALPHA}"
     fig.suptitle("\n".join(t for t in (title, info) if t), fontsize=10)
-    _save_atomic(fig, path)
+    save_atomic(fig, path)
     return path
 
 
@@ -189,5 +191,5 @@ def plot_time_curve(time_df: pd.DataFrame, path: str | Path, title: str = "", me
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, frameon=False)
     fig.suptitle(title, fontsize=10)
-    _save_atomic(fig, Path(path))
+    save_atomic(fig, Path(path))
     return Path(path)

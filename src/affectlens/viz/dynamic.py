@@ -11,7 +11,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from affectlens.probes.dynamic import ACOUSTIC_SITE, TARGETS
-from affectlens.viz.curves import _save_atomic
+from affectlens.viz.curves import save_atomic
 
 _METRICS = {"r2": ("R²", "#1f77b4", "-"), "ccc": ("CCC", "#d62728", "-.")}
 
@@ -75,5 +75,5 @@ def plot_dynamic(table: pd.DataFrame, predictions: pd.DataFrame, path: str | Pat
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    _save_atomic(fig, Path(path))
+    save_atomic(fig, Path(path))
     return Path(path)

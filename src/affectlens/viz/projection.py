@@ -15,7 +15,7 @@ from sklearn.decomposition import PCA
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
 from affectlens.probes.representation import speaker_centre
-from affectlens.viz.curves import _save_atomic
+from affectlens.viz.curves import save_atomic
 
 _COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
             "#17becf"]
@@ -66,5 +66,5 @@ def plot_projection(X: np.ndarray, labels, path: str | Path, groups=None, title:
         ax.set_yticks([])
     axes[1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False, markerscale=2)
     fig.suptitle(title, fontsize=10)
-    _save_atomic(fig, Path(path))
+    save_atomic(fig, Path(path))
     return Path(path)
