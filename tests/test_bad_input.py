@@ -20,7 +20,7 @@ from affectlens import stages
 from affectlens.config import check_config
 from affectlens.data import checks, decode
 from affectlens.data.annotations import AnnotationError
-from affectlens.data.manifest import ManifestError, read_manifest, read_rejections
+from affectlens.data.manifest import ManifestError, read_manifest, read_rejections, safe_clip_id
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
@@ -94,14 +94,15 @@ def test_bad_audio_is_rejected_with_its_reason_and_a_2_hour_file_is_never_decode
     monkeypatch.setattr(checks, "decode_clip", lambda path, *a, **k: decoded.append(Path(path).name) or
                         real(path, *a, **k))
     m, rejected = run_manifest(tmp_path, config(source="folder", folder={"root": str(recordings)}))
-    assert sorted(m["clip_id"]) == GOOD
+    assert sorted(m["source_clip_id"]) == GOOD  # ids made safe as file names: happy/six -> happy_six-<digest>
+    assert m["clip_id"].tolist() == [safe_clip_id(c) for c in m["source_clip_id"]]
     why = dict(zip(rejected["clip_id"], rejected["reason"]))
-    assert set(why) == set(BAD)
+    assert set(why) == {safe_clip_id(c) for c in BAD}
     for clip, reason in BAD.items():
-        assert reason in why[clip], (clip, why[clip])
-    assert "text.wav" in why["happy/text"] and "mp3.flac" in why["happy/mp3"]  # the file is named
+        assert reason in why[safe_clip_id(clip)], (clip, why[safe_clip_id(clip)])
+    assert "text.wav" in why[safe_clip_id("happy/text")] and "mp3.flac" in why[safe_clip_id("happy/mp3")]
     assert "long.wav" not in decoded and "empty.wav" not in decoded
-    assert (tmp_path / "results/manifest/d.rejected.tsv").read_text().startswith("clip_id\tpath\treason\n")
+    assert (tmp_path / "results/manifest/d.rejected.tsv").read_text().startswith("clip_id\tpath\treason\tsource_clip_id\n")
 
 
 def test_decode_stage_resamples_mixes_down_and_scales_8_bit_deliberately(recordings, tmp_path):

@@ -26,7 +26,7 @@ from affectlens.data import crema_d, meld
 from affectlens.data.annotations import AnnotationError, speaker_split
 from affectlens.data.decode import decode_clip, decode_manifest
 from affectlens.data.download import ChecksumError
-from affectlens.data.manifest import read_manifest, read_rejections
+from affectlens.data.manifest import read_manifest, read_rejections, safe_clip_id
 from affectlens.data.sources import MODULES, module
 from affectlens.data.video import decode_frames, sample_frames
 
@@ -319,10 +319,11 @@ def test_folder_of_labelled_recordings(tmp_path):
     cfg = dataset_config(tmp_path, "folder", root=str(rec), labels=["happy", "sad"],
                          pattern="^[^/]+/(?:[^/]+/)*(?P<speaker>[^_/]+)_")
     m, rejected = run_stages(tmp_path, "folder", cfg)
-    assert sorted(zip(m["clip_id"], m["label"], m["speaker"])) == [
+    assert sorted(zip(m["source_clip_id"], m["label"], m["speaker"])) == [  # clip_id: made safe as a file name
         ("happy/anna_1", "happy", "anna"), ("happy/ben_1", "happy", "ben"), ("sad/anna_2", "sad", "anna"),
         ("sad/deeper/ben_2", "sad", "ben")]
-    assert reasons(rejected)["sad/quiet_3"].startswith("silent")
+    assert m["clip_id"].str.fullmatch(r"[a-z]+_[a-z_]+_\d-[0-9a-f]{8}").all()
+    assert reasons(rejected)[safe_clip_id("sad/quiet_3")].startswith("silent")
     write_wav(rec / "angry/anna_4.wav", tone(0.8))
     with pytest.raises(AnnotationError, match=r"recordings/angry: folder 'angry' is not a known label"):
         run_stages(tmp_path, "folder", cfg)

@@ -92,12 +92,26 @@ def to_float(values: pd.Series, source: str | Path, column: str) -> pd.Series:
 
 
 def walk(root: str | Path, max_depth: int = 6):
-    """(dirpath, dirnames, filenames) under `root`, following symlinks (a linked dataset folder)."""
+    """(dirpath, dirnames, filenames) under `root`, following symlinks (a linked dataset folder),
+    each real folder once: a link to a folder that is listed at its own place under `root`, or was
+    already reached through another link (a loop back to an ancestor included), is skipped."""
     root = Path(root)
     base = len(root.parts)
+    real_dirs = {os.path.realpath(d) for d, _, _ in os.walk(root)}  # without following links
+    seen = {os.path.realpath(root)}
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         depth = len(Path(dirpath).parts) - base
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if depth < max_depth else []
+        keep = []
+        for d in sorted(dirnames) if depth < max_depth else []:
+            full = os.path.join(dirpath, d)
+            real = os.path.realpath(full)
+            if d.startswith(".") or real in seen or (os.path.islink(full) and real in real_dirs):
+                if not d.startswith("."):
+                    log.warning("%s: a link to %s, which is listed once already; skipped", full, real)
+                continue
+            seen.add(real)
+            keep.append(d)
+        dirnames[:] = keep
         yield Path(dirpath), dirnames, sorted(filenames)
 
 

@@ -13,10 +13,11 @@ import math
 from pathlib import Path
 
 import pandas as pd
+import soundfile as sf
 
 from affectlens.data.annotations import rejection
-from affectlens.data.decode import (SAMPLE_RATE, SILENCE_RMS, DecodeError, check_clip, decode_clip, probe_duration,
-                                    too_long_by_header)
+from affectlens.data.decode import (SAMPLE_RATE, SILENCE_RMS, DecodeError, check_clip, check_range, decode_clip,
+                                    probe_duration, too_long_by_header, truncation)
 
 MODES = ("decode", "header", "none")
 
@@ -79,11 +80,16 @@ def check_row(row: dict, mode: str = "decode", media: str = "audio", min_duratio
                 return None, reason
             duration = len(x) / SAMPLE_RATE
         else:
+            try:
+                reason = truncation(sf.info(str(path)))
+            except Exception:  # noqa: BLE001 - not a libsndfile format: no chunk sizes to compare
+                reason = None
             total = probe_duration(path)
+            reason = reason or check_range(path, start, end, total)
+            if reason is not None:
+                return None, reason
             if total is None:
                 return _num(row.get("duration")), None
-            if start is not None and start >= total:
-                return None, f"clip starts at {start:.2f} s but the file is {total:.2f} s long"
             duration = (min(end, total) if end is not None else total) - (start or 0.0)
     except DecodeError as e:
         return None, str(e)
@@ -128,7 +134,9 @@ def check_clips(manifest: pd.DataFrame, mode: str = "decode", media: str = "audi
             if duration is not None:
                 rows[i]["duration"] = duration
         else:
-            rejected.append(rejection(row["clip_id"], row["path"], reason))
+            origin = row.get("source_clip_id")
+            rejected.append(rejection(row["clip_id"], row["path"], reason,
+                                      **({} if pd.isna(origin) else {"source_clip_id": origin})))
     out = pd.DataFrame([rows[i] for i in keep], columns=manifest.columns)
     if "duration" in out:
         out["duration"] = pd.to_numeric(out["duration"], errors="coerce").astype(float)

@@ -15,6 +15,7 @@ Without speaker information each clip is its own group in cross-validation (a wa
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -22,7 +23,8 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pandas as pd
 
-from affectlens.data.annotations import AnnotationError, check_labels, read_table, require_columns, walk
+from affectlens.data.annotations import AnnotationError, check_labels, read_table, rejection, require_columns, walk
+from affectlens.data.decode import check_range
 from affectlens.data.download import link_or_copy, link_tree
 
 log = logging.getLogger(__name__)
@@ -83,11 +85,56 @@ def _clip_id(rel: str) -> str:
     return str(PurePosixPath(rel).with_suffix(""))
 
 
+def _number(value) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None  # empty, or not a number: validate_manifest names the column
+    return None if np.isnan(value) else value
+
+
+def _printable(name: str) -> str:
+    """A file name as text that can be written anywhere: bytes that are not UTF-8 as \\xNN."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def _undecodable(rel: str) -> bool:
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:  # os.walk hands such bytes over as lone surrogates
+        return True
+    return False
+
+
+def _once_per_file(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(rows, rejections): each real file once, however many links (symbolic or hard) lead to it;
+    the file at its own place is kept over a link to it, else the first in walk order."""
+    keys, first = [], {}
+    for n, row in enumerate(rows):
+        try:
+            st = os.stat(row["path"])
+            key = (st.st_dev, st.st_ino)
+        except OSError:  # a dangling link: the clip check says "missing"
+            key = ("missing", n)
+        keys.append(key)
+        other = first.get(key)
+        if other is None or (Path(rows[other]["path"]).is_symlink() and not Path(row["path"]).is_symlink()):
+            first[key] = n
+    kept, rejected = [], []
+    for n, (row, key) in enumerate(zip(rows, keys)):
+        if first[key] == n:
+            kept.append(row)
+        else:
+            rejected.append(rejection(row["clip_id"], row["path"], f"the same file as {rows[first[key]]['path']} "
+                                      "(a link to it); each file is listed once"))
+    return kept, rejected
+
+
 def build_manifest(raw_dir: Path, dataset: str, opts: Options) -> tuple[pd.DataFrame, list[dict]]:
     raw_dir = Path(raw_dir)
     data = raw_dir / "data"
     rx = re.compile(opts.pattern) if opts.pattern else None
-    rows = []
+    rows, rejections = [], []
     if (raw_dir / "labels.csv").is_file():
         table_path = raw_dir / "labels.csv"
         table = read_table(table_path, sep=None)
@@ -106,6 +153,10 @@ def build_manifest(raw_dir: Path, dataset: str, opts: Options) -> tuple[pd.DataF
                    "speaker": np.nan, "pair_key": np.nan, "text": np.nan, "start": np.nan, "end": np.nan,
                    "duration": np.nan}
             row.update({k: (v if v != "" else np.nan) for k, v in rec.items()})
+            reason = check_range(path, _number(row["start"]), _number(row["end"]), None)
+            if reason is not None:
+                rejections.append(rejection(row["clip_id"], path, f"{opts.csv} row {i}: {reason}"))
+                continue
             row.update(_from_pattern(rel, rx, f"{opts.csv} row {i}"))
             rows.append(row)
     else:
@@ -117,6 +168,10 @@ def build_manifest(raw_dir: Path, dataset: str, opts: Options) -> tuple[pd.DataF
                 if p.suffix.lower().lstrip(".") not in opts.extensions:
                     continue
                 rel = p.relative_to(data).as_posix()
+                if _undecodable(rel):
+                    rejections.append(rejection(_clip_id(_printable(rel)), _printable(str(p)),
+                                                "the file name is not UTF-8 text; rename the file"))
+                    continue
                 if "/" not in rel:
                     raise AnnotationError(f"{opts.root}: {name} is not inside a label folder; put each recording "
                                           "under root/<label>/ or give a csv")
@@ -129,8 +184,12 @@ def build_manifest(raw_dir: Path, dataset: str, opts: Options) -> tuple[pd.DataF
                        "end": np.nan, "duration": np.nan}
                 row.update(_from_pattern(rel, rx, str(opts.root)))
                 rows.append(row)
-    if not rows:
+        rows, links = _once_per_file(rows)
+        rejections += links
+    if not rows and not rejections:
         raise FileNotFoundError(f"{opts.root}: no recordings found (extensions {list(opts.extensions)})")
+    if not rows:
+        return pd.DataFrame(columns=["clip_id"]), rejections
     manifest = pd.DataFrame(rows)
     no_speaker = manifest["speaker"].isna()
     if no_speaker.any():
@@ -138,4 +197,4 @@ def build_manifest(raw_dir: Path, dataset: str, opts: Options) -> tuple[pd.DataF
                     "(give a speaker column or folder.pattern to group them)", int(no_speaker.sum()), len(manifest))
         # object first: a column of only missing speakers is float, which refuses the string ids
         manifest["speaker"] = manifest["speaker"].astype(object).where(~no_speaker, manifest["clip_id"])
-    return manifest, []
+    return manifest, rejections

@@ -1,7 +1,8 @@
 """The manifest: one row per clip, the table every stage after download reads.
 
 Columns (dataset-specific extras such as valence, arousal, intensity may follow):
-    clip_id   unique id, used as file stem and store index
+    clip_id   unique id, used as file stem and store index: made safe here (see `safe_clip_id`);
+              where an id had to change, `source_clip_id` keeps the one the source gave
     dataset   the {dataset} wildcard
     path      audio (or video) file holding the clip
     split     dataset-given split ("train", "test", ...) or "all"
@@ -19,6 +20,8 @@ keeps exactly the rows that have a pair key.
 
 from __future__ import annotations
 
+import hashlib
+import re
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -32,10 +35,43 @@ _TEXT_COLUMNS = ("clip_id", "dataset", "path", "split", "label", "speaker", "pai
 _NUMERIC_COLUMNS = ("start", "end", "duration")
 _NONEMPTY_COLUMNS = ("clip_id", "dataset", "path")
 REJECTION_COLUMNS = ("clip_id", "path", "reason")
+MAX_CLIP_ID = 100  # room in a 255-byte file name for the suffixes later stages add
+_SAFE_ID = re.compile(r"[A-Za-z0-9._-]+")
 
 
 class ManifestError(ValueError):
     """A manifest that breaks the schema; the message names the file and the rows at fault."""
+
+
+def is_safe_clip_id(clip_id: str) -> bool:
+    """A plain file stem on every system: ASCII letters, digits and `._-` only (no separator, no
+    control character, no `..`, hidden or option-like name), no `__` (later stages join names with it, see
+    affectlens.naming), at most MAX_CLIP_ID characters."""
+    return (bool(_SAFE_ID.fullmatch(clip_id)) and not clip_id.startswith((".", "-")) and "__" not in clip_id
+            and len(clip_id) <= MAX_CLIP_ID)
+
+
+def safe_clip_id(clip_id) -> str:
+    """`clip_id` itself when it is safe as a file stem, else a readable safe stem plus a stable
+    digest of the original (`../x/a b` -> `x_a_b-<8 hex>`), so distinct ids stay distinct."""
+    clip_id = str(clip_id)
+    if is_safe_clip_id(clip_id):
+        return clip_id
+    digest = hashlib.sha256(clip_id.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    stem = re.sub(r"_{2,}", "_", re.sub(r"[^A-Za-z0-9._-]+", "_", clip_id)).strip("._-")
+    stem = stem[: MAX_CLIP_ID - len(digest) - 1].rstrip("._-")
+    return f"{stem or 'clip'}-{digest}"
+
+
+def _make_ids_safe(df: pd.DataFrame) -> pd.DataFrame:
+    ids = df["clip_id"].astype(str)
+    safe = ids.map(safe_clip_id)
+    changed = safe != ids
+    if changed.any():
+        kept = df["source_clip_id"] if "source_clip_id" in df.columns else pd.Series(pd.NA, index=df.index)
+        df["source_clip_id"] = kept.where(kept.notna() | ~changed, ids).astype(object)
+        df["clip_id"] = safe
+    return df
 
 
 def validate_manifest(df: pd.DataFrame, source: str = "manifest") -> pd.DataFrame:
@@ -59,6 +95,12 @@ def validate_manifest(df: pd.DataFrame, source: str = "manifest") -> pd.DataFram
         shown = names[:10] + (["..."] if len(names) > 10 else [])
         raise ManifestError(f"{source}: clip_id is not unique; duplicated: {shown}. "
                             "Make clip ids unique (e.g. prefix the speaker or session)")
+    # Ids become file names in later stages: no separators, `..`, absolute paths or control characters.
+    df = _make_ids_safe(df)
+    clash = df["clip_id"][df["clip_id"].duplicated(keep=False)]
+    if len(clash):
+        raise ManifestError(f"{source}: clip ids {sorted(set(clash))[:10]} clash once made safe as file names; "
+                            "rename the clips")
     # Stray spaces ("happy " vs "happy") would silently split one class into two.
     for col in ("label", "speaker", "pair_key", "split"):
         df[col] = df[col].where(df[col].isna(), df[col].astype(str).str.strip())
@@ -91,15 +133,21 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     if not path.exists():
         raise FileNotFoundError(f"manifest {path} does not exist; run the manifest rule for its dataset")
     try:
-        df = pd.read_csv(path, sep="\t", dtype={c: str for c in _TEXT_COLUMNS})
+        df = pd.read_csv(path, sep="\t", dtype={c: str for c in (*_TEXT_COLUMNS, "source_clip_id")})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise ManifestError(f"{path}: not a readable TSV manifest ({e}); delete it and rerun the manifest rule") from e
     return validate_manifest(df, source=str(path))
 
 
 def write_rejections(rows: Iterable[Mapping], path: str | Path) -> Path:
-    """Write `{dataset}.rejected.tsv`: one row per clip left out, with the reason (header even if none)."""
-    df = pd.DataFrame(list(rows))
+    """Write `{dataset}.rejected.tsv`: one row per clip left out, with the reason (header even if none).
+    Clip ids are the manifest's safe ones (`safe_clip_id`); source_clip_id keeps one that changed."""
+    rows = [dict(r) for r in rows]
+    for r in rows:
+        cid = str(r["clip_id"])
+        if safe_clip_id(cid) != cid:
+            r.update(clip_id=safe_clip_id(cid), source_clip_id=r.get("source_clip_id") or cid)
+    df = pd.DataFrame(rows)
     for col in REJECTION_COLUMNS:
         if col not in df.columns:
             df[col] = pd.Series(dtype=str)
