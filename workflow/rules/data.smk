@@ -23,7 +23,9 @@ rule manifest:
     params:
         dataset=dataset_cfg,
     log:
-        "logs/manifest/{dataset}.log",
+        # a copy of the reasons kept when the job fails (Snakemake deletes a failed job's outputs)
+        log="logs/manifest/{dataset}.log",
+        rejected="logs/manifest/{dataset}.rejected.tsv",
     conda:
         "../../envs/data.yaml"
     script:
@@ -41,7 +43,8 @@ rule decode:
     params:
         dataset=dataset_cfg,
     log:
-        "logs/decode/{dataset}.log",
+        log="logs/decode/{dataset}.log",
+        rejected="logs/decode/{dataset}.rejected.tsv",
     threads: 2
     conda:
         "../../envs/data.yaml"

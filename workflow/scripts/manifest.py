@@ -5,4 +5,5 @@ from affectlens import stages  # noqa: E402
 
 with stages.logged(snakemake.log[0]):
     stages.data.manifest(snakemake.input.raw[0], snakemake.wildcards.dataset, snakemake.params.dataset,
-                    snakemake.output.manifest, snakemake.output.rejected)
+                    snakemake.output.manifest, snakemake.output.rejected,
+                    kept_rejected=snakemake.log.rejected)

@@ -31,23 +31,43 @@ def raw(dataset: str, dataset_cfg: dict, out_dir) -> None:
     log.info("built %d clips of %s into %s", len(manifest), dataset, out_dir)
 
 
-def manifest(raw_dir, dataset: str, dataset_cfg: dict, out_manifest, out_rejected) -> None:
+MAX_LOGGED_REJECTIONS = 50
+
+
+def record_rejections(rejections: list[dict], out_rejected, kept_rejected=None) -> None:
+    """Write the rejections to out_rejected and to kept_rejected (a log, which Snakemake keeps when
+    the job fails and deletes its outputs), and name the first ones in the log."""
+    from affectlens.data.manifest import write_rejections
+
+    write_rejections(rejections, out_rejected)
+    if kept_rejected is not None:
+        Path(kept_rejected).parent.mkdir(parents=True, exist_ok=True)
+        write_rejections(rejections, kept_rejected)
+    for r in rejections[:MAX_LOGGED_REJECTIONS]:
+        log.warning("rejected %s (%s): %s", r["clip_id"], r["path"], r["reason"])
+    if len(rejections) > MAX_LOGGED_REJECTIONS:
+        log.warning("... and %d more rejected clips: see %s", len(rejections) - MAX_LOGGED_REJECTIONS,
+                    kept_rejected or out_rejected)
+
+
+def manifest(raw_dir, dataset: str, dataset_cfg: dict, out_manifest, out_rejected, kept_rejected=None) -> None:
     """The dataset's manifest, validated; annotations without a clip and clips that are missing,
     unreadable, empty, silent, mis-cut or out of the duration range are left out, each with its
-    reason in out_rejected."""
+    reason in out_rejected (and kept_rejected, a copy that survives a failed job)."""
     from affectlens.data.checks import check_clips
-    from affectlens.data.manifest import read_manifest, validate_manifest, write_manifest, write_rejections
+    from affectlens.data.manifest import read_manifest, validate_manifest, write_manifest
     from affectlens.data.sources import VIDEO_SOURCES, build
 
     source = dataset_cfg["source"]
+    where = kept_rejected or out_rejected
     if source == "demo":
         m, rejections = read_manifest(Path(raw_dir) / "manifest.tsv"), []
     else:
         m, rejections = build(raw_dir, dataset, dataset_cfg)
         if m.empty:
-            write_rejections(rejections, out_rejected)
+            record_rejections(rejections, out_rejected, kept_rejected)
             raise ValueError(f"dataset {dataset!r}: no annotated clip found in {raw_dir}; the reasons are in "
-                             f"{out_rejected}")
+                             f"{where} and the log")
         m = validate_manifest(m, source=f"{source} manifest of dataset {dataset!r} (from {raw_dir})")
     label_column = dataset_cfg["label_column"]
     if label_column not in m.columns:
@@ -59,19 +79,21 @@ def manifest(raw_dir, dataset: str, dataset_cfg: dict, out_manifest, out_rejecte
                             max_duration=dataset_cfg.get("max_duration", 30.0),
                             max_mismatch=dataset_cfg.get("max_duration_mismatch"),
                             jobs=dataset_cfg.get("check_jobs", 1))
-    write_rejections(rejections + bad, out_rejected)
+    record_rejections(rejections + bad, out_rejected, kept_rejected)
     if kept.empty:
-        raise ValueError(f"dataset {dataset!r}: none of {len(m)} clips is usable; the reasons are in {out_rejected}")
+        raise ValueError(f"dataset {dataset!r}: none of {len(m)} clips is usable; the reasons are in {where} "
+                         "and the log")
     write_manifest(kept, out_manifest)
     log.info("%s: %d clips, %d left out (see %s)", dataset, len(kept), len(rejections) + len(bad), out_rejected)
 
 
 def decode(manifest_path, dataset_cfg: dict, out_audio, out_frames, out_manifest, out_rejected,
-           threads: int = 1) -> None:
+           threads: int = 1, kept_rejected=None) -> None:
     """Decode every clip's audio to 16 kHz mono FLAC and, for datasets with video, sample frames
-    at the configured rate into one .npz per clip; clips that fail are rejected with a reason."""
+    at the configured rate into one .npz per clip; clips that fail are rejected with a reason
+    (in out_rejected, kept_rejected and the log); when none is left the stage fails."""
     from affectlens.data.decode import decode_manifest
-    from affectlens.data.manifest import read_manifest, write_manifest, write_rejections
+    from affectlens.data.manifest import read_manifest, write_manifest
     from affectlens.data.sources import VIDEO_SOURCES
     from affectlens.data.video import decode_frames
 
@@ -84,9 +106,13 @@ def decode(manifest_path, dataset_cfg: dict, out_audio, out_frames, out_manifest
         rejected += bad
     if source not in VIDEO_SOURCES:  # video QA clips need not carry audio
         m, bad = decode_manifest(m, out_audio, min_duration=dataset_cfg.get("min_duration", 0.2),
-                                 max_duration=dataset_cfg.get("max_duration", 30.0), n_jobs=threads)
+                                 max_duration=dataset_cfg.get("max_duration", 30.0), n_jobs=threads,
+                                 over_range_mode=dataset_cfg.get("over_range", "normalise"))
         rejected += bad
-    write_rejections(rejected, out_rejected)
+    record_rejections(rejected, out_rejected, kept_rejected)
+    if m.empty:
+        raise ValueError(f"{manifest_path}: none of its clips decodes; the reasons are in "
+                         f"{kept_rejected or out_rejected} and the log")
     write_manifest(m, out_manifest)
     log.info("decoded %d clips, rejected %d", len(m), len(rejected))
 
