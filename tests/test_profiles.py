@@ -26,7 +26,9 @@ GPU_RULES = {"extract": 8000, "patch": 8000, "steer": 8000, "sae": 6000}
 def tiny(tmp_path_factory):
     work = tmp_path_factory.mktemp("profiles")
     cfg = json.loads(json.dumps(TINY))
-    cfg["models"]["tiny"]["source"] = str(tiny_whisper(work / "tiny-whisper"))
+    weights = str(tiny_whisper(work / "tiny-whisper"))
+    for model in cfg["models"].values():  # the steered model and its judge (steer.judge_models)
+        model["source"] = weights
     (work / "tiny.yaml").write_text(yaml.safe_dump(cfg))
     return work
 
@@ -140,8 +142,8 @@ def test_retried_rules_ask_for_more_memory_each_attempt():
 def test_localrules_are_the_light_rules():
     text = (REPO / "workflow" / "rules" / "report.smk").read_text()
     local = set(re.search(r"^localrules:\n((?:\s+\w+,\n)+)", text, re.M).group(1).replace(",", "").split())
-    assert local == {"all", "raw", "manifest", "heatmaps", "steer_listen", "benchmarks"}
-    assert "localrule: True" in rule_block("probe_study")
+    assert local == {"all", "raw", "manifest", "dynamic_ratings", "probe_study", "heatmaps", "steer_listen",
+                     "benchmarks"}
 
 
 def test_profiles_declare_their_executor():

@@ -7,23 +7,23 @@ rule patch:
         effects="results/patch/{dataset}/{model}/{contrast}/effects.tsv",
         summary="results/patch/{dataset}/{model}/{contrast}/summary.tsv",
         agreement="results/patch/{dataset}/{model}/{contrast}/agreement.tsv",
-    params:
-        model=model_cfg,
-        contrast=contrast_of,
-        patch=config["patch"],
-        label_column=lambda w: config["datasets"][w.dataset]["label_column"],
     log:
         "logs/patch/{dataset}/{model}/{contrast}.log",
     benchmark:
         "benchmarks/patch/{dataset}/{model}/{contrast}.tsv"
-    threads: 2
     retries: 2
+    conda:
+        "../../envs/patch.yaml"
+    threads: 2
     resources:
         gpu=1,
         mem_mb=mem_by_attempt(8000),
         runtime=180,
-    conda:
-        "../../envs/patch.yaml"
+    params:
+        model=model_cfg,
+        contrast=contrast_of,
+        patch=config["patch"],
+        label_column=label_column,
     script:
         "../scripts/patch.py"
 
@@ -40,12 +40,12 @@ rule heatmaps:
             subcategory="{study}",
             labels={"study": "{study}", "map": "{name}"},
         ),
-    params:
-        summaries=patch_summaries(),
     log:
         "logs/heatmaps.log",
     conda:
         "../../envs/report.yaml"
+    params:
+        summaries=patch_summaries(),
     script:
         "../scripts/heatmaps.py"
 
@@ -67,21 +67,21 @@ rule trace:
             subcategory="{dataset} x {model}",
             labels={"map": "{name}"},
         ),
-    params:
-        dataset=dataset_cfg,
-        model=model_cfg,
-        trace=config["trace"],
     log:
         "logs/trace/{dataset}/{model}.log",
     benchmark:
         "benchmarks/trace/{dataset}/{model}.tsv"
-    threads: 2
     retries: 2
+    conda:
+        "../../envs/patch.yaml"
+    threads: 2
     resources:
         gpu=1,
         mem_mb=mem_by_attempt(16000),
         runtime=240,
-    conda:
-        "../../envs/patch.yaml"
+    params:
+        dataset=dataset_cfg,
+        model=model_cfg,
+        trace=config["trace"],
     script:
         "../scripts/trace.py"

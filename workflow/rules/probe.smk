@@ -16,8 +16,8 @@ rule probe:
     input:
         store=rules.extract.output.store,
         manifest=rules.decode.output.manifest,
-        acoustic=lambda w: (
-            f"results/probe/{w.dataset}/acoustic_features.tsv"
+        acoustic=(
+            rules.acoustic_features.output.features
             if config["probe"]["acoustic_baseline"]
             else []
         ),
@@ -32,7 +32,11 @@ rule probe:
             caption="../report/layer_curve.rst",
             category="Probes",
             subcategory=study_of,
-            labels={"dataset": "{dataset}", "model": "{model}", "figure": "layer curve"},
+            labels={
+                "dataset": "{dataset}",
+                "model": "{model}",
+                "figure": "layer curve",
+            },
         ),
         confusion_plot=report(
             "results/probe/{dataset}/{model}/confusion.png",
@@ -46,35 +50,37 @@ rule probe:
             caption="../report/projection.rst",
             category="Probes",
             subcategory=study_of,
-            labels={"dataset": "{dataset}", "model": "{model}", "figure": "projection"},
+            labels={
+                "dataset": "{dataset}",
+                "model": "{model}",
+                "figure": "projection",
+            },
         ),
         time_curve=report(
             "results/probe/{dataset}/{model}/time_curve.png",
             caption="../report/time_curve.rst",
             category="Probes",
             subcategory=study_of,
-            labels={"dataset": "{dataset}", "model": "{model}", "figure": "time-resolved curve"},
+            labels={
+                "dataset": "{dataset}",
+                "model": "{model}",
+                "figure": "time-resolved curve",
+            },
         ),
     log:
         "logs/probe/{dataset}/{model}.log",
+    retries: 1
     conda:
         "../../envs/probe.yaml"
     threads: 2
-    retries: 1
     resources:
         mem_mb=mem_by_attempt(4000),
         runtime=120,
     params:
         probe=config["probe"],
-        label_column=lambda w: config["datasets"][w.dataset]["label_column"],
-        # binary probes for every concept pair of the studies that cross this dataset and model
-        pairs=lambda w: [
-            [c["source"], c["target"]]
-            for s in config["studies"].values()
-            if w.dataset in s["datasets"] and w.model in s["models"]
-            for c in s.get("contrasts", [])
-        ],
-        readout_site=lambda w: config["models"][w.model].get("readout_site"),
+        label_column=label_column,
+        pairs=study_pairs,
+        readout_site=readout_site,
     script:
         "../scripts/probe.py"
 
@@ -85,9 +91,8 @@ rule probe_outcomes:
     input:
         store=rules.extract.output.store,
         manifest=rules.decode.output.manifest,
-        # patch.smk is included after this file, so its outputs are spelled out
-        pairs="results/patch/{dataset}/{model}/{contrast}/pairs.tsv",
-        effects="results/patch/{dataset}/{model}/{contrast}/effects.tsv",
+        pairs=rules.patch.output.pairs,
+        effects=rules.patch.output.effects,
     output:
         sweep="results/probe/{dataset}/{model}/outcomes/{contrast}.tsv",
     log:
@@ -105,18 +110,13 @@ rule probe_outcomes:
 # site x probe x split x metric).
 rule probe_study:
     input:
-        lambda w: [
-            f"results/probe/{d}/{m}/sweep.tsv"
-            for d in config["studies"][w.study]["datasets"]
-            for m in config["studies"][w.study]["models"]
-        ],
+        study_sweeps,
     output:
         table="results/probe/{study}.tsv",
     log:
         "logs/probe_study/{study}.log",
     wildcard_constraints:
         study="[A-Za-z0-9_-]+",
-    localrule: True
     conda:
         "../../envs/probe.yaml"
     script:
@@ -138,15 +138,19 @@ rule probe_dynamic:
             caption="../report/probe_dynamic.rst",
             category="Probes",
             subcategory=study_of,
-            labels={"dataset": "{dataset}", "model": "{model}", "figure": "dynamic valence/arousal"},
+            labels={
+                "dataset": "{dataset}",
+                "model": "{model}",
+                "figure": "dynamic valence/arousal",
+            },
         ),
     log:
         "logs/probe_dynamic/{dataset}/{model}.log",
+    retries: 1
     conda:
         # librosa for the acoustic baseline's window features
         "../../envs/steer.yaml"
     threads: 2
-    retries: 1
     resources:
         mem_mb=mem_by_attempt(4000),
         runtime=120,

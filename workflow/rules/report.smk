@@ -12,7 +12,12 @@ rule steer_listen:
             caption="../report/steer_listen.rst",
             category="Steering",
             subcategory=study_of,
-            labels={"dataset": "{dataset}", "model": "{model}", "contrast": "{contrast}", "figure": "listen"},
+            labels={
+                "dataset": "{dataset}",
+                "model": "{model}",
+                "contrast": "{contrast}",
+                "figure": "listen",
+            },
         ),
     log:
         "logs/steer_listen/{dataset}/{model}/{contrast}.log",
@@ -47,11 +52,14 @@ rule benchmarks:
 
 
 # Downloads (raw), small tables and plots run on the submitting host under a cluster profile;
-# only the model, SAE, patching, steering, probe and audio jobs are submitted.
+# only the model, SAE, patching, steering, probe and audio jobs are submitted. The workflow's one
+# list of local rules (a rule does not set `localrule:` itself).
 localrules:
     all,
     raw,
     manifest,
+    dynamic_ratings,
+    probe_study,
     heatmaps,
     steer_listen,
     benchmarks,

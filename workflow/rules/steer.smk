@@ -10,25 +10,30 @@ rule steer:
             caption="../report/dose_response.rst",
             category="Steering",
             subcategory=study_of,
-            labels={"dataset": "{dataset}", "model": "{model}", "contrast": "{contrast}", "figure": "dose response"},
+            labels={
+                "dataset": "{dataset}",
+                "model": "{model}",
+                "contrast": "{contrast}",
+                "figure": "dose response",
+            },
         ),
+    log:
+        "logs/steer/{dataset}/{model}/{contrast}.log",
+    benchmark:
+        "benchmarks/steer/{dataset}/{model}/{contrast}.tsv"
+    retries: 2
+    conda:
+        "../../envs/steer.yaml"
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=mem_by_attempt(8000),
+        runtime=180,
     params:
         model=model_cfg,
         contrast=contrast_of,
         steer=config["steer"],
         judge_models=judge_models,
         label_column=lambda w: config["datasets"][w.dataset]["label_column"],
-    log:
-        "logs/steer/{dataset}/{model}/{contrast}.log",
-    benchmark:
-        "benchmarks/steer/{dataset}/{model}/{contrast}.tsv"
-    threads: 2
-    retries: 2
-    resources:
-        gpu=1,
-        mem_mb=mem_by_attempt(8000),
-        runtime=180,
-    conda:
-        "../../envs/steer.yaml"
     script:
         "../scripts/steer.py"
