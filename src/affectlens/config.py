@@ -47,9 +47,6 @@ def check_config(config: dict) -> None:
         if name not in config["models"]:
             raise ConfigError(f"steer.judge_models names {name!r}, which is not a key of models "
                               f"({sorted(config['models'])})")
-    if "gain" in steer.get("controls", []) and "diff_of_means" not in steer.get("methods", ["diff_of_means"]):
-        raise ConfigError("steer.controls lists gain, which matches the level of the diff_of_means edit: list "
-                          "diff_of_means in steer.methods, or leave gain out")
     if steer.get("hear_site", "last") not in ("last", "steer"):
         try:
             parse_pattern(steer["hear_site"])

@@ -1,15 +1,15 @@
 rule raw:
     output:
         directory("resources/raw/{dataset}"),
-    params:
-        dataset=dataset_cfg,
     log:
         "logs/raw/{dataset}.log",
-    threads: 1
     # A retry resumes the download from the cache (download_dir), which a failed job leaves in place.
     retries: 2
     conda:
         "../../envs/data.yaml"
+    threads: 1
+    params:
+        dataset=dataset_cfg,
     script:
         "../scripts/raw.py"
 
@@ -20,14 +20,14 @@ rule manifest:
     output:
         manifest="results/manifest/{dataset}.tsv",
         rejected="results/manifest/{dataset}.rejected.tsv",
-    params:
-        dataset=dataset_cfg,
     log:
         # a copy of the reasons kept when the job fails (Snakemake deletes a failed job's outputs)
         log="logs/manifest/{dataset}.log",
         rejected="logs/manifest/{dataset}.rejected.tsv",
     conda:
         "../../envs/data.yaml"
+    params:
+        dataset=dataset_cfg,
     script:
         "../scripts/manifest.py"
 
@@ -40,14 +40,14 @@ rule decode:
         frames=directory("results/decode/{dataset}/frames"),
         manifest="results/decode/{dataset}/manifest.tsv",
         rejected="results/decode/{dataset}/rejected.tsv",
-    params:
-        dataset=dataset_cfg,
     log:
         log="logs/decode/{dataset}.log",
         rejected="logs/decode/{dataset}.rejected.tsv",
-    threads: 2
     conda:
         "../../envs/data.yaml"
+    threads: 2
+    params:
+        dataset=dataset_cfg,
     script:
         "../scripts/decode.py"
 
@@ -61,12 +61,11 @@ rule dynamic_ratings:
         manifest=rules.manifest.output.manifest,
     output:
         ratings="results/manifest/{dataset}.dynamic.tsv",
-    params:
-        dataset=dataset_cfg,
     log:
         "logs/dynamic_ratings/{dataset}.log",
-    localrule: True
     conda:
         "../../envs/data.yaml"
+    params:
+        dataset=dataset_cfg,
     script:
         "../scripts/dynamic_ratings.py"

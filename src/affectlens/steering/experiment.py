@@ -7,8 +7,8 @@ mapper at the hear site, the model-free mel shift, and the judges. Each chosen c
 the hear site, the mapper turns the change of the hear site's activations into a mel change, and
 `inversion.render_change` applies it. The controls go through the same path:
 
-- `gain`: the original clip re-levelled to the primary method's (difference of means) steered
-  file's active level, at each alpha;
+- `gain`: the original clip re-levelled to the primary method's (the difference of means, else the
+  first method) steered file's active level, at each alpha;
 - `mel_shift`: model-free: the per-speaker difference of class-mean log-mel spectra (target -
   source, other speakers), alpha times it on every frame, rendered like the model's change;
 - `random`: random directions at the steer site with the norm of the primary method's vector,
