@@ -76,6 +76,14 @@ def relevel(wave: np.ndarray, sr: int, level_db: float) -> np.ndarray:
     return (w * 10 ** ((level_db - active_level_db(w, sr)) / 20)).astype(np.float32)
 
 
+def within_full_scale(wave: np.ndarray, peak: float = 0.999) -> np.ndarray:
+    """The wave scaled down so that its peak is at most `peak`, as steered files are written
+    (`steering.watermark.embed` keeps the marked sum inside full scale the same way)."""
+    w = np.asarray(wave, dtype=np.float32)
+    top = float(np.abs(w).max()) if len(w) else 0.0
+    return w * np.float32(peak / top) if top > peak else w
+
+
 def _f0_stats(f0: np.ndarray, voiced: np.ndarray) -> dict[str, float]:
     v = f0[voiced & np.isfinite(f0)]
     if len(v) == 0:

@@ -179,7 +179,7 @@ def render_clip(adapter, wave: np.ndarray, fit: SpeakerFit, steer_site: str, hea
                 controls: list[str], mode: str, vocoder=None, primary: str = "diff_of_means") -> list[Output]:
     """The clip, then alpha = 0 once (every method and control leaves the clip as it is there: the
     round trip through the inversion path), then each method, and each control, per nonzero alpha."""
-    from affectlens.acoustics import active_level_db, relevel
+    from affectlens.acoustics import active_level_db, relevel, within_full_scale
     from affectlens.steering.inversion import change_dependence, predicted_change, render_change
     from affectlens.steering.oneclip import site_frames
     from affectlens.steering.vectors import add_vector
@@ -214,8 +214,10 @@ def render_clip(adapter, wave: np.ndarray, fit: SpeakerFit, steer_site: str, hea
         if "gain" in controls:
             if primary not in mine:
                 raise ValueError(f"control gain matches the level of the {primary} edit: list it in steer.methods")
-            level = active_level_db(mine[primary], sr)
-            outputs.append(Output("gain", "control", alpha, None, relevel(wave, sr, level)))
+            # the level the edit is written at (files are kept inside full scale), reached by the clip
+            # as far as full scale allows (where it cannot, rms_change_db shows the gain control quieter)
+            level = active_level_db(within_full_scale(mine[primary]), sr)
+            outputs.append(Output("gain", "control", alpha, None, within_full_scale(relevel(wave, sr, level))))
     return outputs
 
 
