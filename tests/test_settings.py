@@ -110,10 +110,10 @@ def test_one_readout_rule_skips_generated_towers():
     sites = ["thinker.embed", "thinker.blocks.0.resid_post", "thinker.blocks.1.resid_post",
              "talker.blocks.0.resid_post"]
     m = ModelConfig.from_dict({"family": "qwen2.5-omni", "source": "x", "sites": sites})
-    assert readout_site(m, sites, generated_towers=("talker",)) == "thinker.blocks.1.resid_post"
-    assert readout_site(m, ["decoder.blocks.0.resid_post", "encoder.embed", "encoder.blocks.0.resid_post"]) \
+    assert readout_site(None, sites) == "thinker.blocks.1.resid_post"  # Talker sites are generated
+    assert readout_site(None, ["decoder.blocks.0.resid_post", "encoder.embed", "encoder.blocks.0.resid_post"]) \
         == "encoder.blocks.0.resid_post"
     pinned = dataclasses.replace(m, readout_site="thinker.blocks.0.resid_post")
-    assert readout_site(pinned, sites, ("talker",)) == "thinker.blocks.0.resid_post"
+    assert readout_site(pinned.readout_site, sites) == "thinker.blocks.0.resid_post"
     with pytest.raises(SettingsError, match="not among the stored sites"):
-        readout_site(dataclasses.replace(m, readout_site="thinker.blocks.9.resid_post"), sites)
+        readout_site("thinker.blocks.9.resid_post", sites)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, fields
 from typing import Any, Mapping
 
-from affectlens.models.sites import parse_pattern
+from affectlens.models.sites import GENERATED_TOWERS, parse_pattern
 
 
 class SettingsError(ValueError):
@@ -70,16 +70,16 @@ class ModelConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def readout_site(model: ModelConfig, sites: list[str], generated_towers=()) -> str:
+def readout_site(configured: str | None, sites: list[str], generated_towers=GENERATED_TOWERS) -> str:
     """The one rule for the site whose pooled activation a downstream probe reads (patching's
-    metric, steering's model-probe judge, the probe study's time-resolved probe): the model's
-    `readout_site` when configured, else the last of `sites` in store order (tower, then depth)
-    that a prompt forward reaches (not a generated tower such as Qwen-Omni's Talker, read while
-    speech is generated)."""
-    if model.readout_site:
-        if model.readout_site not in sites:
-            raise SettingsError(f"models.*.readout_site {model.readout_site!r} is not among the stored sites {sites}")
-        return model.readout_site
+    metric, steering's model-probe judge, the probe study's time-resolved probe and projection):
+    the model's `readout_site` when `configured`, else the last of `sites` in store order (tower,
+    then depth) that a prompt forward reaches (not a generated tower such as Qwen-Omni's Talker,
+    read while speech is generated)."""
+    if configured:
+        if configured not in sites:
+            raise SettingsError(f"models.*.readout_site {configured!r} is not among the stored sites {sites}")
+        return configured
     reachable = [s for s in sites if parse_pattern(s).tower not in set(generated_towers)]
     if not reachable:
         raise SettingsError(f"no stored site can be read by a prompt forward (sites {sites}); set readout_site")

@@ -70,11 +70,11 @@ from affectlens.models.base import Adapter, Batch, block_hook_point
 from affectlens.models.lm import prompt_positions
 from affectlens.models.loading import input_device, load_pretrained, load_processor
 from affectlens.models.positions import Positions, flat_positions, patch_positions
-from affectlens.models.sites import Site, SiteError
+from affectlens.models.sites import GENERATED_TOWERS, Site, SiteError
 
 SAMPLE_RATE = 16000
 SPEECH_SAMPLE_RATE = 24000  # both families' codec decoders write 24 kHz speech (not in their configs)
-TALKER_TOWERS = ("talker", "predictor")
+TALKER_TOWERS = GENERATED_TOWERS
 AUDIO = "<|audio_start|><|audio_pad|><|audio_end|>"
 VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
 # the `generate_speech` arguments that define a clip's Talker activations (config keys speaker, speech_*)

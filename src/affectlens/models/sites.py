@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 TOWERS = ("encoder", "decoder", "thinker", "talker", "predictor", "vision", "text", "audio", "latent")
 POINTS = ("resid_post", "attn_out", "mlp_out")
+GENERATED_TOWERS = ("talker", "predictor")
+"""Towers a forward over the prompt never reaches: read while speech is generated (Qwen-Omni)."""
 
 _SITE = re.compile(r"^(?P<tower>[a-z]+)\.(?:(?P<embed>embed)|blocks\.(?P<block>\d+)\.(?P<point>[a-z_]+))$")
 

@@ -12,6 +12,7 @@ from affectlens.stages.common import write_tsv
 
 from affectlens.models import build_adapter
 from affectlens.models.config import ModelConfig
+from affectlens.models.sites import parse_site
 from affectlens.models.config import readout_site as pick_readout
 from affectlens.settings import PatchConfig, TraceConfig
 
@@ -46,11 +47,11 @@ def patch(store_path, manifest_path, model_cfg: ModelConfig | dict, contrast: di
     with Store(store_path) as store:
         # a prompt forward never reaches towers read from a generation run (Qwen-Omni's Talker)
         generated = set(getattr(adapter, "generated_towers", ()))
-        sites = [s for s in store.sites if s.split(".", 1)[0] not in generated]
+        sites = [s for s in store.sites if parse_site(s).tower not in generated]
         if len(sites) < len(store.sites):
             log.info("patching skips %s: read while speech is generated, not by the prompt forward",
                      sorted(set(store.sites) - set(sites)))
-        readout_site = pick_readout(model_cfg, store.sites, generated)
+        readout_site = pick_readout(model_cfg.readout_site, store.sites, generated)
         probe = fit_readout(store, manifest, readout_site, label_column=label_column)
         if corruption == "noise":
             if embed not in sites:

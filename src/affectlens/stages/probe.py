@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from affectlens.models.config import readout_site as pick_readout
 from affectlens.settings import ProbeConfig, ProbeDynamicConfig
 from affectlens.stages.common import write_tsv
 
@@ -97,7 +98,7 @@ def run_probe_study(store_path, manifest: pd.DataFrame, params: ProbeConfig | di
         plot_layer_curve(sweep, outputs["curve"], title=title)
 
         sites_tr = tr.sites
-        sites_tr = [readout_site or store.sites[-1]] if sites_tr is None else list(sites_tr)
+        sites_tr = [pick_readout(readout_site, store.sites)] if sites_tr is None else list(sites_tr)
         if outputs.get("time_resolved"):
             if sites_tr:
                 curves, rep_bins = time_resolved(

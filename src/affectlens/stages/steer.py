@@ -155,7 +155,7 @@ def _corpus(store_path, manifest, model: ModelConfig, cfg: SteerConfig, label_co
     sr = adapter.sample_rate
     waves = [decode_clip(p, sr=sr) for p in manifest["path"]]
     with Store(store_path) as store:
-        read = readout_site(model, store.sites, getattr(adapter, "generated_towers", ()))
+        read = readout_site(model.readout_site, store.sites)
         rows = align_manifest(store.clip_ids, manifest, [label_column, "speaker"], where=str(store.path))
         steer_pooled, read_pooled = store.pooled(site)[rows], store.pooled(read)[rows]
         steer_frames = [store.clip_frames(site, r) for r in rows]
@@ -165,7 +165,7 @@ def _corpus(store_path, manifest, model: ModelConfig, cfg: SteerConfig, label_co
     for name, (judge_model, path) in judge_stores.items():
         with Store(path) as store:
             rows_j = align_manifest(store.clip_ids, manifest, [label_column], where=str(store.path))
-            judge_pooled[name] = store.pooled(readout_site(judge_model, store.sites))[rows_j]
+            judge_pooled[name] = store.pooled(readout_site(judge_model.readout_site, store.sites))[rows_j]
     sae = latents = None
     if "sae" in cfg.methods:
         sae, latents = _steer_sae(sae_dir, site, steer_frames)
@@ -197,7 +197,7 @@ def _judge_factory(corpus, cfg: SteerConfig, target: str, adapter, read_site: st
     built = {}
     for name, m in judge_models.items():
         a = build_adapter(m)
-        built[name] = (a, readout_site(m, a.sites(m.sites), getattr(a, "generated_towers", ())))
+        built[name] = (a, readout_site(m.readout_site, a.sites(m.sites)))
 
     def judges(others, pair):
         labels = corpus.labels
