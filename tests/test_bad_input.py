@@ -195,8 +195,9 @@ def _check(cfg):
      r"(?s)2\.5 is not of type 'integer'.*On instance\['sae'\]\['expansion'\]"),
     (lambda c: c["models"]["m"].update(sites=["encoder.blocks.0.resid_pre"]), "ConfigError",
      r"models\.m\.sites: .*resid_pre"),
-    (lambda c: c["models"]["m"].update(sae_sites=["encoder.block.0.resid_post"]), "ConfigError",
-     r"models\.m\.sae_sites: .*encoder\.block\.0"),
+    # a misshapen site is refused by the schema's pattern (the site grammar's), naming the key
+    (lambda c: c["models"]["m"].update(sae_sites=["encoder.block.0.resid_post"]), "WorkflowError",
+     r"(?s)'encoder\.block\.0\.resid_post' does not match.*On instance\['models'\]\['m'\]\['sae_sites'\]\[0\]"),
     (lambda c: c["studies"]["s"]["contrasts"].append({"source": "sad", "target": "elated"}), "ConfigError",
      r"studies\.s\.contrasts\[1\] names label 'elated', which dataset 'demo' does not have"),
     (lambda c: c["studies"]["s"].update(models=["nope"]), "ConfigError", r"studies\.s\.models names 'nope'"),

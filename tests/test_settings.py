@@ -117,3 +117,23 @@ def test_one_readout_rule_skips_generated_towers():
     assert readout_site(pinned.readout_site, sites) == "thinker.blocks.0.resid_post"
     with pytest.raises(SettingsError, match="not among the stored sites"):
         readout_site("thinker.blocks.9.resid_post", sites)
+
+
+def test_the_site_grammar_is_the_schemas_and_the_wildcards():
+    """One grammar: the schema's `pattern` of every site key and the workflow's {site} constraint
+    are models.sites' expressions, and they accept what parse_site accepts."""
+    import re
+
+    from affectlens.models.sites import SITE_OR_PATTERN, SITE_PATTERN, parse_site
+
+    model = SCHEMA["properties"]["models"]["additionalProperties"]["properties"]
+    assert model["readout_site"]["pattern"] == model["steer_site"]["pattern"] == f"^({SITE_PATTERN})$"
+    assert model["sae_sites"]["items"]["pattern"] == f"^({SITE_PATTERN})$"
+    assert model["sites"]["items"]["pattern"] == f"^({SITE_OR_PATTERN})$"
+    smk = (Path(__file__).resolve().parents[1] / "workflow/rules/common.smk").read_text()
+    assert "site=SITE_PATTERN" in smk
+    for good in ("encoder.embed", "thinker.blocks.12.mlp_out", "latent"):
+        assert re.fullmatch(SITE_PATTERN, good) and str(parse_site(good)) == good
+    for bad in ("encoder.blocks.x.resid_post", "Encoder.embed", "encoder", "../x", "encoder.blocks.1.resid_post/x"):
+        assert not re.fullmatch(SITE_PATTERN, bad)
+    assert re.fullmatch(SITE_OR_PATTERN, "encoder.blocks.*.resid_post")

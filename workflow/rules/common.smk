@@ -4,6 +4,7 @@
 import yaml
 from snakemake.utils import validate
 
+from affectlens.models.sites import SITE_PATTERN
 from affectlens.config import check_config, contrast_name, sae_steer_site
 from affectlens.extract import shard_paths, weight_files
 
@@ -15,7 +16,7 @@ wildcard_constraints:
     dataset="[A-Za-z0-9_-]+",
     model="[A-Za-z0-9_.-]+",
     contrast="[A-Za-z0-9_]+-to-[A-Za-z0-9_]+",
-    site="latent|[a-z]+(\.embed|\.blocks\.[0-9]+\.[a-z_]+)",
+    site=SITE_PATTERN,
 
 
 def study_combos():

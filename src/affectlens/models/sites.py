@@ -24,6 +24,13 @@ POINTS = ("resid_post", "attn_out", "mlp_out")
 GENERATED_TOWERS = ("talker", "predictor")
 """Towers a forward over the prompt never reaches: read while speech is generated (Qwen-Omni)."""
 
+SITE_PATTERN = r"latent|[a-z]+\.(embed|blocks\.[0-9]+\.[a-z_]+)"
+"""The shape of a site name as one regular expression: the workflow's `{site}` wildcard constraint
+(common.smk) and the schema's `pattern` of every site key (tested equal). `parse_site` then checks
+the tower and point names."""
+SITE_OR_PATTERN = r"latent|[a-z]+\.(embed|blocks\.([0-9]+|\*)\.[a-z_]+)"
+"""A site, or `*` in the block position (`models.*.sites`)."""
+
 _SITE = re.compile(r"^(?P<tower>[a-z]+)\.(?:(?P<embed>embed)|blocks\.(?P<block>\d+)\.(?P<point>[a-z_]+))$")
 
 
