@@ -327,10 +327,18 @@ def test_patch_outcomes_label_flipping_clips_and_feed_the_sweep():
     estimated = effects.assign(method="attribution", raw=5.0)  # estimates of a patch never count as a flip
     out = patch_outcomes(pd.concat([effects.assign(method="exact"), estimated]), pairs)
     assert len(out) == len(sad) and out.flipped.to_numpy().tolist() == strong.tolist()
-    tasks = outcome_tasks(out, manifest, n_splits=3, n_permutations=0)
-    assert [t.name for t in tasks] == [f"flip@{site}"] and len(tasks[0].rows) == len(sad)
+    tasks, skipped = outcome_tasks(out, manifest, n_splits=3, n_permutations=0)
+    assert [t.name for t in tasks] == [f"flip@{site}"] and len(tasks[0].rows) == len(sad) and skipped == []
     m, _, _ = probe_task(acts[site], tasks[0], FitSettings())
     assert {r["metric"] for r in m} >= {"accuracy", "control_accuracy"}
+    # the outcome is driven by a known feature: read off the site that carries it, not off noise
+    accuracy = {s: next(r["value"] for r in probe_task(acts[s], tasks[0], FitSettings())[0] if r["metric"] == "accuracy")
+                for s in (site, "encoder.embed")}
+    assert accuracy[site] >= 0.7 and accuracy[site] - accuracy["encoder.embed"] >= 0.2, accuracy  # 0.75 vs 0.46
+    # too few clips of an outcome: no task, a row saying why
+    few = out.assign(flipped=[True] + [False] * (len(out) - 1))
+    tasks, skipped = outcome_tasks(few, manifest, n_splits=3)
+    assert tasks == [] and skipped[0]["probe"] == f"flip@{site}" and "1 clips flip" in skipped[0]["reason"]
     with pytest.raises(ValueError, match="direction"):
         patch_outcomes(effects, pairs, direction="sideways")
 

@@ -167,6 +167,19 @@ def test_steered_wavs_and_evaluation(run):
         assert abs(info.frames - frames * 320) <= 320  # the clip's length, to one encoder frame
 
 
+def test_outcome_probes_run_in_the_default_target(run):
+    """probe_outcomes is part of `all`: its table is never empty; with the tiny config's 2 patched
+    pairs each patched site gets a `skipped` row saying how many clips flip and hold."""
+    work, _ = run
+    table = pd.read_csv(work / "results/probe/demo/tiny/outcomes/sad-to-happy.tsv", sep="\t")
+    assert len(table) > 0 and set(table.metric) <= {"skipped"} | set(table.metric[table.metric != "skipped"])
+    skipped = table[table.metric == "skipped"]
+    probed = table[table.metric != "skipped"]
+    assert len(probed) or (skipped.reason.str.contains("clips flip and").all() and len(skipped) == 3)
+    assert set(table.probe.str.removeprefix("flip@")) <= {"encoder.embed", "encoder.blocks.0.resid_post",
+                                                          "encoder.blocks.1.resid_post"}
+
+
 def test_second_run_has_nothing_to_do(run):
     work, _ = run
     again = snakemake(work, "-n")

@@ -91,6 +91,11 @@ def all_targets():
         ):  # sources with 2 Hz ratings
             targets.append(f"results/probe/{dataset}/{model}/dynamic.tsv")
         targets += [f"results/sae/{dataset}/{model}/{site}" for site in m["sae_sites"]]
+        # wherever patching runs: which clips' decisions flip, read off their activations
+        targets += [
+            f"results/probe/{dataset}/{model}/outcomes/{contrast_name(c)}.tsv"
+            for c in config["studies"][study]["contrasts"]
+        ]
         if m["steer_site"]:
             for c in config["studies"][study]["contrasts"]:
                 targets += [

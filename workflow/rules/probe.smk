@@ -85,8 +85,8 @@ rule probe:
         "../scripts/probe.py"
 
 
-# On demand (not in `all`): which clips' decisions flip when a site is patched, read off their
-# activations before patching.
+# In `all` wherever patching runs: which clips' decisions flip when a site is patched, read off their
+# activations before patching (a `skipped` row with its reason where too few pairs were patched).
 rule probe_outcomes:
     input:
         store=rules.extract.output.store,

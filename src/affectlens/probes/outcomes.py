@@ -57,10 +57,11 @@ def patch_outcomes(effects: pd.DataFrame, pairs: pd.DataFrame, direction: str = 
 
 
 def outcome_tasks(outcomes: pd.DataFrame, manifest: pd.DataFrame, group_column: str = "speaker",
-                  n_splits: int = 4, n_permutations: int = 0, seed: int = 0, control: bool = True) -> list:
-    """One classification task per patched site: 'flips' vs 'holds' for the clips that were
-    patched, rows in manifest order. Sites whose outcomes lack two classes with two clips each, or
-    two speakers, are skipped with a log line."""
+                  n_splits: int = 4, n_permutations: int = 0, seed: int = 0, control: bool = True
+                  ) -> tuple[list, list[dict]]:
+    """(tasks, skipped): one classification task per patched site, 'flips' vs 'holds' for the clips
+    that were patched, rows in manifest order; and one row per site left out (its outcomes lack two
+    classes with two clips each, or two speakers) saying why."""
     from affectlens.probes.sweep import classification_task
 
     index = {c: i for i, c in enumerate(manifest["clip_id"].astype(str))}
@@ -68,34 +69,38 @@ def outcome_tasks(outcomes: pd.DataFrame, manifest: pd.DataFrame, group_column: 
     if missing:
         raise KeyError(f"{len(missing)} patched clips are not in the manifest, e.g. {missing[:5]}")
     groups = manifest[group_column].astype(str).to_numpy()
-    tasks = []
+    tasks, skipped = [], []
     for site, g in outcomes.groupby("site", sort=False):
         rows = g["clip_id"].astype(str).map(index).to_numpy()
         labels = np.where(g["flipped"].to_numpy(bool), "flips", "holds")
         counts = pd.Series(labels).value_counts()
-        if len(counts) < 2 or counts.min() < 2 or len(np.unique(groups[rows])) < 2:
-            log.info("outcome probe for %s skipped: %s over %d speakers", site, counts.to_dict(),
-                     len(np.unique(groups[rows])))
+        n_groups = len(np.unique(groups[rows]))
+        if len(counts) < 2 or counts.min() < 2 or n_groups < 2:
+            reason = (f"{int(counts.get('flips', 0))} clips flip and {int(counts.get('holds', 0))} hold over "
+                      f"{n_groups} speakers; a probe needs both outcomes twice and two speakers (raise patch.n_pairs)")
+            log.info("outcome probe for %s skipped: %s", site, reason)
+            skipped.append({"probe": f"flip@{site}", "site": "", "metric": "skipped", "value": np.nan,
+                            "n_clips": len(rows), "reason": reason})
             continue
         tasks.append(classification_task(f"flip@{site}", labels, groups[rows], rows=rows, n_splits=n_splits,
                                          seed=seed, n_permutations=n_permutations, control=control))
-    return tasks
+    return tasks, skipped
 
 
 def run_outcome_probe(store_path, manifest: pd.DataFrame, effects: pd.DataFrame, pairs: pd.DataFrame,
                       params: ProbeConfig | dict | None, out_sweep, direction: str = "denoising", threads: int = 1) -> pd.DataFrame:
     """Probe every store site for every patched site's outcome (flips / holds) and write the tidy
-    table (the sweep's columns; `probe` = flip@{patched site}). With too few patched clips for any
-    task (the default patch stage draws a handful of pairs) the table is written empty, with a log
-    line saying why."""
+    table (the sweep's columns; `probe` = flip@{patched site}). A patched site with too few clips of
+    either outcome (the default patch stage draws a handful of pairs) gets a row with metric
+    `skipped` and its `reason` instead, so the table always says what was and was not probed."""
     from affectlens.io import atomic_path
     from affectlens.probes.sweep import FitSettings, align_manifest, read_pooled, sweep_tasks
     from affectlens.store import Store
 
     p = ProbeConfig.from_dict(params)
     outcomes = patch_outcomes(effects, pairs, direction)
-    tasks = outcome_tasks(outcomes, manifest, n_splits=p.n_splits, n_permutations=p.n_permutations,
-                          seed=p.seed)
+    tasks, skipped = outcome_tasks(outcomes, manifest, n_splits=p.n_splits, n_permutations=p.n_permutations,
+                                   seed=p.seed)
     table = pd.DataFrame()
     if tasks:
         settings = FitSettings(C=p.C, class_weight=p.class_weight, max_iter=p.max_iter, seed=p.seed)
@@ -105,6 +110,10 @@ def run_outcome_probe(store_path, manifest: pd.DataFrame, effects: pd.DataFrame,
     else:
         log.warning("no outcome probe: %d patched clips over %d sites are too few (need both outcomes twice and "
                     "two speakers per site); raise patch.n_pairs", outcomes["clip_id"].nunique(), outcomes["site"].nunique())
+    table = pd.concat([table, pd.DataFrame(skipped)], ignore_index=True)
+    if table.empty:
+        table = pd.DataFrame([{"probe": "", "site": "", "metric": "skipped", "value": np.nan, "n_clips": 0,
+                               "reason": f"no exact {direction} patching outcome in the effects table"}])
     with atomic_path(out_sweep) as tmp:
         table.to_csv(tmp, sep="\t", index=False)
     return table
