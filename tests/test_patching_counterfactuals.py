@@ -169,3 +169,25 @@ def test_patch_stage_with_prosody_neutral_states_the_corruption_and_keeps_the_sc
     # hold only the longer pairs; the first window holds every pair.
     assert np.isfinite(summary["mean"]).all() and summary["n_pairs"].between(1, len(pairs)).all()
     assert (summary.loc[summary["frame_start"] == 0, "n_pairs"] == len(pairs)).all()
+
+
+def test_the_corruption_registry_is_the_schemas_and_names_each_strategy():
+    """One registry (patching.corruptions): the schema's `patch.corruption` enum lists its names,
+    and each strategy names its corrupt run in a heatmap title from the summary it wrote."""
+    from pathlib import Path
+
+    import pandas as pd
+    import yaml
+
+    from affectlens.patching.corruptions import CORRUPTIONS, corruption_heading, corruption_strategy
+
+    schema = yaml.safe_load((Path(__file__).resolve().parents[1] / "workflow/schemas/config.schema.yaml").read_text())
+    assert list(CORRUPTIONS) == schema["properties"]["patch"]["properties"]["corruption"]["enum"]
+    with pytest.raises(ValueError, match="not one of"):
+        corruption_strategy("shuffle")
+    heading = {name: corruption_heading(pd.DataFrame({"corruption": [name], "noise_sigma": [0.1234]}))
+               for name in CORRUPTIONS}
+    assert heading == {"pairs": "paired clips", "noise": "embedding noise, sigma 0.123",
+                       "prosody_neutral": "prosody-neutralised clips"}
+    assert corruption_heading(pd.DataFrame({"mean": [0.0]})) == "paired clips"  # written before the column
+    assert corruption_heading(pd.DataFrame({"corruption": ["other"]})) == "other"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from affectlens.stages.common import write_tsv
@@ -23,27 +22,25 @@ def patch(store_path, manifest_path, model_cfg: ModelConfig | dict, contrast: di
           label_column: str,
           out_pairs, out_effects, out_summary, out_agreement=None) -> None:
     """Exact patching (and, with `attribution`, its gradient estimate on the same grid) of every
-    stored site × time window for one contrast. The corrupt run comes from `corruption`: the
-    paired clip (`pairs`), the clean clip with embedding noise (`noise`) or the clean clip with its
-    prosody neutralised (`prosody_neutral`)."""
+    stored site × time window for one contrast. The corrupt run comes from the strategy named by
+    `corruption` (affectlens.patching.corruptions): the paired clip (`pairs`), the clean clip with
+    embedding noise (`noise`) or the clean clip with its prosody neutralised (`prosody_neutral`)."""
     from tqdm import tqdm
 
     from affectlens.data.decode import decode_clip
     from affectlens.data.manifest import read_manifest
     from affectlens.patching.attribution import agreement, attribute_pair
-    from affectlens.patching.counterfactuals import corpus_std, embedding_noise, prosody_neutral, speaking_rate
-    from affectlens.patching.pairs import draw_over_speakers, make_pairs, self_pairs
+    from affectlens.patching.corruptions import CorruptionContext, corruption_strategy
     from affectlens.patching.patch import ProbeLogitDiff, patch_pair, summarise, time_windows
     from affectlens.probes.sweep import fit_readout
     from affectlens.store import Store
 
     params = PatchConfig.from_dict(params)
     model_cfg = ModelConfig.from_dict(model_cfg)
-    corruption = params.corruption
+    strategy = corruption_strategy(params.corruption)
     manifest = read_manifest(manifest_path)
     adapter = build_adapter(model_cfg)
     embed = f"{next(iter(adapter.n_blocks))}.embed"
-    noise_sigma = np.nan
     with Store(store_path) as store:
         # a prompt forward never reaches towers read from a generation run (Qwen-Omni's Talker)
         generated = set(getattr(adapter, "generated_towers", ()))
@@ -53,44 +50,22 @@ def patch(store_path, manifest_path, model_cfg: ModelConfig | dict, contrast: di
                      sorted(set(store.sites) - set(sites)))
         readout_site = pick_readout(model_cfg.readout_site, store.sites, generated)
         probe = fit_readout(store, manifest, readout_site, label_column=label_column)
-        if corruption == "noise":
-            if embed not in sites:
-                raise ValueError(f"patch.corruption: noise scales the noise by the corpus std of {embed}, which "
-                                 f"{store_path} lacks: add {embed!r} to the model's `sites`")
-            noise_sigma = params.noise_factor * corpus_std(store.frame_chunks(embed))
+        corruption = strategy.setup(CorruptionContext(params=params, adapter=adapter, manifest=manifest, store=store,
+                                                      store_path=store_path, sites=sites, embed=embed))
     weight, bias, classes = probe.readout()
     metric = ProbeLogitDiff.from_readout(readout_site, weight, bias, classes, contrast["source"], contrast["target"])
-    if corruption == "pairs":
-        pairs = make_pairs(manifest, contrast["source"], contrast["target"], params.n_pairs, params.seed,
-                           label_column=label_column)
-    else:
-        pairs = self_pairs(manifest, contrast["target"], params.n_pairs, params.seed, label_column=label_column)
-    described = {"pairs": f"paired {contrast['source']} clip (same pair_key)",
-                 "noise": f"N(0, sigma = {params.noise_factor:g} x corpus std of {embed} = {noise_sigma:.4g}) "
-                          f"on {embed}",
-                 "prosody_neutral": "the clip with rate equalised, pitch and energy flattened"}[corruption]
-    log.info("corruption: %s", described)
-    pairs = pairs.assign(corruption=corruption, noise_sigma=noise_sigma)
+    pairs = corruption.draw_pairs(manifest, contrast, params.n_pairs, params.seed, label_column=label_column)
+    log.info("corruption: %s", corruption.describe(contrast))
+    pairs = pairs.assign(**corruption.pair_columns())
     by_id = manifest.set_index("clip_id")
-    reference_rate = None
-    if corruption == "prosody_neutral":
-        # The corpus's typical speaking rate, from a speaker-spread draw over all labels.
-        sample = draw_over_speakers(manifest, params.rate_reference_clips, params.seed)
-        reference_rate = float(np.median([speaking_rate(decode_clip(p), adapter.sample_rate) for p in sample["path"]]))
-        log.info("prosody_neutral: reference speaking rate %.2f onsets/s over %d clips", reference_rate, len(sample))
-        pairs = pairs.assign(reference_rate=reference_rate)
     write_tsv(pairs, out_pairs)
     size = int(round(params.window_s * adapter.frame_rate))
     stride = max(1, int(round(params.stride_s * adapter.frame_rate)))
     effects = []
     for pair in tqdm(pairs.itertuples(), total=len(pairs), desc="patch pairs", unit="pair"):
         clean_wave = decode_clip(by_id.loc[pair.clean_clip, "path"])
-        corrupt_wave = clean_wave if corruption != "pairs" else decode_clip(by_id.loc[pair.corrupt_clip, "path"])
-        if corruption == "prosody_neutral":
-            corrupt_wave = prosody_neutral(clean_wave, adapter.sample_rate, reference_rate)
-        clean, corrupt = adapter.prepare([clean_wave]), adapter.prepare([corrupt_wave])
-        noise = ({embed: embedding_noise(noise_sigma, corrupt.n_frames, seed=params.seed)}
-                 if corruption == "noise" else None)
+        clean = adapter.prepare([clean_wave])
+        corrupt, noise = corruption.corrupt_run(adapter, clean_wave, by_id.loc[pair.corrupt_clip, "path"])
         windows = time_windows(max(clean.n_frames[0], corrupt.n_frames[0]), size, stride)
         df = patch_pair(adapter, clean, corrupt, sites, windows, metric, params.max_batch, corrupt_interventions=noise)
         if params.attribution:
@@ -100,7 +75,7 @@ def patch(store_path, manifest_path, model_cfg: ModelConfig | dict, contrast: di
         effects.append(df)
     effects = pd.concat(effects, ignore_index=True)
     write_tsv(effects, out_effects)
-    summary = summarise(effects, seed=params.seed).assign(corruption=corruption, noise_sigma=noise_sigma)
+    summary = summarise(effects, seed=params.seed).assign(**corruption.columns())
     write_tsv(summary, out_summary)
     if out_agreement is not None:
         agree = agreement(summary, effects)
@@ -116,6 +91,7 @@ def patch(store_path, manifest_path, model_cfg: ModelConfig | dict, contrast: di
 def heatmaps(summaries: dict[str, list[str]], out_dir) -> None:
     """Render every patch summary of every study into out_dir/{study}/ (a PNG and the TSV of its
     numbers per method: exact, and attribution beside it where it was run) with an index page."""
+    from affectlens.patching.corruptions import corruption_heading
     from affectlens.viz.heatmap import color_limit, methods_of, plot_patch_heatmap, write_index
 
     out_dir = Path(out_dir)
@@ -126,10 +102,7 @@ def heatmaps(summaries: dict[str, list[str]], out_dir) -> None:
             dataset, model, contrast = Path(p).parts[-4:-1]
             name = f"{dataset}__{model}__{contrast}"
             summary = pd.read_csv(p, sep="\t")
-            corruption = summary["corruption"].iloc[0] if "corruption" in summary else "pairs"
-            how = {"pairs": "paired clips", "noise": f"embedding noise, sigma {summary['noise_sigma'].iloc[0]:.3g}"
-                   if "noise_sigma" in summary else "embedding noise",
-                   "prosody_neutral": "prosody-neutralised clips"}.get(corruption, corruption)
+            how = corruption_heading(summary)
             n = int(summary["n_pairs"].max())
             title = f"{study}: {dataset} × {model}, {contrast.replace('-to-', ' → ')} (n = {n} pairs; corrupt: {how})"
             vmax = color_limit(summary)  # one scale for exact and attribution, so colours compare
