@@ -78,9 +78,115 @@ def _add_steer_args(p: argparse.ArgumentParser) -> None:
                         "SpeechT5HifiGan Hub id or folder")
     p.add_argument("--output", required=True, help="steered audio (.wav or .flac); labelled and watermarked")
     p.add_argument("--key", default="affectlens", help="watermark key")
-    p.add_argument("--watermark-db", default="auto", type=lambda v: v if v == "auto" else float(v),
-                   help="watermark level in dB below the audio, or 'auto' (default): the quietest that survives "
-                        "an Opus 16 kbit/s re-encode with a 2x detection margin")
+    p.add_argument("--watermark-db", default="auto",
+                   help="watermark level in dB below the audio, 10 to 34 (quieter is not detectable, louder is "
+                        "audible), or 'auto' (default): the quietest that survives an Opus 16 kbit/s re-encode "
+                        "with a 2x detection margin")
+
+
+def _readable_file(flag: str, path: str, what: str) -> None:
+    """FileNotFoundError/ValueError naming the flag, the file and the fix, unless `path` is a readable,
+    non-empty file."""
+    import os
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{flag} {path}: does not exist; give the path of {what}")
+    if p.is_dir():
+        raise ValueError(f"{flag} {path}: is a folder; give the path of {what}")
+    if not os.access(p, os.R_OK):
+        raise ValueError(f"{flag} {path}: not readable (permissions); make it readable or copy it")
+    if p.stat().st_size == 0:
+        raise ValueError(f"{flag} {path}: empty file (0 bytes); give {what}")
+
+
+def _audio_file(flag: str, path: str) -> None:
+    _readable_file(flag, path, "an audio file")
+    from affectlens.steering.watermark import load_any
+
+    try:
+        wave, _ = load_any(path)
+    except Exception as e:  # noqa: BLE001 - any decoder failure is the same fix for the user
+        detail = " ".join(str(e).split()) or type(e).__name__
+        raise ValueError(f"{flag} {path}: not audio that soundfile or FFmpeg can decode ({detail}); "
+                         f"give a .wav, .flac or other audio file") from None
+    if len(wave) == 0:
+        raise ValueError(f"{flag} {path}: holds no samples; give a non-empty recording")
+
+
+def check_steer_args(args) -> None:
+    """Every `steer`/`tts` argument checked before any model loads (or espeak-ng runs): ValueError or
+    FileNotFoundError naming the flag or file and the fix. Sets args.watermark_db to 'auto' or a float."""
+    import math
+    import os
+    from pathlib import Path
+
+    from affectlens.models.sites import parse_site
+    from affectlens.steering.watermark import check_level
+
+    out = Path(args.output)
+    if out.is_dir():
+        raise ValueError(f"--output {args.output}: is a folder; give a file name such as {out / 'steered.wav'}")
+    if out.suffix.lower() not in (".wav", ".flac"):
+        raise ValueError(f"--output {args.output}: steered audio is written as .wav or .flac (the label needs "
+                         f"their tag chunk); name the file e.g. {out.with_suffix('.wav').name}")
+    parent = next((d for d in out.absolute().parents if d.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--output {args.output}: cannot write into {parent}; choose a folder you can write to")
+    if out.exists() and not os.access(out, os.W_OK):
+        raise ValueError(f"--output {args.output}: exists and is read-only; choose another name")
+    if getattr(args, "input", None) is not None:
+        _audio_file("--input", args.input)
+        if out.exists() and out.resolve() == Path(args.input).resolve():
+            raise ValueError(f"--output {args.output} is the --input file; write the steered copy to another name")
+    if getattr(args, "text", None) is not None and not args.text.strip():
+        raise ValueError("--text is empty; give the words to speak")
+    if args.watermark_db != "auto":
+        try:
+            args.watermark_db = check_level(args.watermark_db)
+        except ValueError as e:
+            raise ValueError(f"--watermark-db {args.watermark_db}: {e}") from None
+    if not args.key:
+        raise ValueError("--key is empty; give the watermark key (default affectlens)")
+    if not math.isfinite(args.alpha):
+        raise ValueError(f"--alpha {args.alpha}: give a finite number (e.g. 1.0)")
+    if args.frames and args.window:
+        raise ValueError("give --frames or --window, not both")
+    if args.frames and not 0 <= args.frames[0] < args.frames[1]:
+        raise ValueError(f"--frames {args.frames[0]} {args.frames[1]}: need 0 <= START < STOP (activation frames)")
+    if args.window and not (all(math.isfinite(t) for t in args.window) and 0 <= args.window[0] < args.window[1]):
+        raise ValueError(f"--window {args.window[0]:g} {args.window[1]:g}: need 0 <= START_S < STOP_S, in seconds")
+    for site in args.site:
+        try:
+            parse_site(site)
+        except ValueError as e:
+            raise ValueError(f"--site: {e}") from None
+    if args.hear_site and args.hear_site not in ("last", "steer"):
+        try:
+            parse_site(args.hear_site)
+        except ValueError as e:
+            raise ValueError(f"--hear-site: {e}; or give last or steer") from None
+    if bool(args.ref_from) != bool(args.ref_to):
+        raise ValueError("give both --ref-from and --ref-to, or neither")
+    if args.vector is None and not args.ref_from:
+        raise ValueError("give a steering vector: --vector FILE, or --ref-from A.wav --ref-to B.wav")
+    if args.vector and len(args.vector) != len(args.site):
+        raise ValueError(f"{len(args.site)} --site but {len(args.vector)} --vector files: give one vector per site")
+    for v in args.vector or []:
+        _readable_file("--vector", v, "a steering vector saved by the workflow")
+        if Path(v).suffix not in (".npy", ".npz", ".safetensors"):
+            raise ValueError(f"--vector {v}: cannot read a steering vector from this file; use .npy, .npz or "
+                             f".safetensors")
+    for flag, paths in (("--ref-from", args.ref_from), ("--ref-to", args.ref_to)):
+        for path in paths or []:
+            _audio_file(flag, path)
+    if args.mapper not in ("ridge", "mlp"):
+        folder = Path(args.mapper)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"--mapper {args.mapper}: neither ridge, mlp nor a saved mapper folder")
+        for name in ("cfg.json", "weights.safetensors"):
+            _readable_file("--mapper", str(folder / name), f"a saved MelMapper folder ({name} is missing)")
 
 
 def _saved_steering(path) -> dict:
@@ -103,16 +209,8 @@ def steer_command(args, wave) -> str:
     from affectlens.steering.vocoder import GriffinLim, load_vocoder
     from affectlens.steering.watermark import write_steered_audio
 
-    if bool(args.ref_from) != bool(args.ref_to):
-        raise ValueError("give both --ref-from and --ref-to, or neither")
-    if args.vector is None and not args.ref_from:
-        raise ValueError("give a steering vector: --vector FILE, or --ref-from A.wav --ref-to B.wav")
-    sites = args.site
-    if args.vector and len(args.vector) != len(sites):
-        raise ValueError(f"{len(sites)} --site but {len(args.vector)} --vector files: give one vector per site")
+    sites = args.site  # every argument was checked by check_steer_args before this
     saved = args.mapper not in ("ridge", "mlp")
-    if saved and not Path(args.mapper).is_dir():
-        raise FileNotFoundError(f"--mapper {args.mapper}: neither ridge, mlp nor a saved mapper folder")
     adapter = load_adapter(args.family, args.model)
     refs_from = [load_wave(p, adapter.sample_rate) for p in args.ref_from or []]
     refs_to = [load_wave(p, adapter.sample_rate) for p in args.ref_to or []]
@@ -189,11 +287,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "steer":
             from affectlens.steering.oneclip import load_wave
 
+            check_steer_args(args)
             print(steer_command(args, load_wave(args.input)))
         elif args.command == "tts":
             from affectlens.data.espeak import synthesize
             from affectlens.io_audio import resample
 
+            check_steer_args(args)
             w, sr = synthesize(args.text, voice=args.voice)
             print(steer_command(args, resample(w, sr, 16000).astype("float32")))
         elif args.command == "ui":
