@@ -1,7 +1,7 @@
 """The CLI refuses what it cannot use before any model loads (issue 20.6): every `steer`/`tts`
 argument is checked first, with a message that names the flag or file and the fix; `--watermark-db`
 and the workflow's `steer.watermark_snr_db` are bounded to where the mark is detectable and not
-audible."""
+audible; `watermark check` fails closed (exit 2 "cannot check", one line) on anything it cannot read."""
 
 from pathlib import Path
 
@@ -156,3 +156,27 @@ def test_the_schema_and_the_library_share_the_watermark_range(tmp_path):
         wm.write_steered_audio(tmp_path / "x.wav", np.ones(SR, np.float32) * 0.1, SR, snr_db=60)
     assert not (tmp_path / "x.wav").exists()
 
+
+# --- watermark check: fails closed ----------------------------------------------------------------
+@pytest.mark.parametrize("name, why", [("missing.wav", "does not exist"), ("adir", "is a folder"),
+                                       ("empty.wav", "empty file"), ("text.wav", "not audio"),
+                                       ("zero.wav", "holds no samples"), ("nan.wav", "not finite"),
+                                       ("rand.bin", "not audio")])
+def test_watermark_check_cannot_check_what_it_cannot_read(files, capsys, name, why):
+    d = files["dir"]
+    (d / "rand.bin").write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    x = np.full(SR, 0.1, np.float32)
+    x[5] = np.nan
+    sf.write(d / "nan.wav", x, SR, subtype="FLOAT")
+    err = _refused(capsys, main(["watermark", "check", str(d / name)]), f"cannot check {d / name}", why)
+    assert "no watermark" not in err and capsys.readouterr().out == ""
+
+
+def test_watermark_check_exit_1_only_for_a_readable_unmarked_file(files, capsys, tmp_path):
+    noise = (0.1 * np.random.default_rng(1).standard_normal(3 * SR)).astype(np.float32)
+    sf.write(tmp_path / "plain.wav", noise, SR)
+    wm.write_steered_audio(tmp_path / "marked.wav", noise, SR, snr_db=16)
+    assert main(["watermark", "check", str(tmp_path / "plain.wav")]) == 1
+    assert "no watermark" in capsys.readouterr().out
+    assert main(["watermark", "check", str(tmp_path / "marked.wav")]) == 0
+    assert "watermark detected" in capsys.readouterr().out

@@ -26,10 +26,41 @@ def inspect_store(path: str) -> str:
 
 
 def watermark_check(path: str, key: str) -> tuple[int, str]:
-    """(exit code, message): 0 = watermark found, 1 = none found."""
-    from affectlens.steering.watermark import check_file
+    """(exit code, message): 0 = watermark found, 1 = a readable file with no watermark, 2 = cannot
+    check (missing, a folder, unreadable, empty, not audio, no finite samples): fails closed, one line."""
+    import os
+    from pathlib import Path
 
-    det, label = check_file(path, key=key)
+    import numpy as np
+
+    from affectlens.steering.watermark import detect, load_any, read_label
+
+    p = Path(path)
+    why = None
+    if not p.exists():
+        why = "does not exist; give the path of an audio file"
+    elif p.is_dir():
+        why = "is a folder; give one audio file (check each file in it)"
+    elif not os.access(p, os.R_OK):
+        why = "not readable (permissions); make it readable or copy it"
+    elif p.stat().st_size == 0:
+        why = "empty file (0 bytes)"
+    if why is None:
+        try:  # anything that goes wrong from here on fails closed too: "cannot check", never "no watermark"
+            wave, sr = load_any(p)
+            if len(wave) == 0:
+                why = "holds no samples"
+            elif not np.isfinite(wave).all():
+                why = "its samples are not finite numbers (nan/inf)"
+            else:
+                det, label = detect(wave, sr, key=key), read_label(p)
+                if not np.isfinite(det.score):
+                    why = "no detection score could be computed from its samples"
+        except Exception as e:  # noqa: BLE001
+            detail = " ".join(str(e).split()) or type(e).__name__
+            why = f"not audio that soundfile or FFmpeg can decode ({detail})"
+    if why is not None:
+        return 2, f"cannot check {path}: {why}"
     verdict = "watermark detected" if det.detected else "no watermark"
     msg = (f"{path}: {verdict} (score {det.score:.1f}, threshold {det.threshold:.1f}, "
            f"false-alarm probability {det.false_alarm_probability:.1e}); "
@@ -262,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("store")
     p = sub.add_parser("watermark", help="check audio for the steered-audio watermark and label")
     wsub = p.add_subparsers(dest="action", required=True)
-    c = wsub.add_parser("check", help="exit 0 if the watermark is found, 1 if not, 2 on error")
+    c = wsub.add_parser("check", help="exit 0 if the watermark is found, 1 if a readable audio file has none, 2 if the file cannot be checked (missing, a folder, empty, not audio)")
     c.add_argument("file")
     c.add_argument("--key", default="affectlens")
     p = sub.add_parser("steer", help="steer the emotion of one clip and write labelled, watermarked audio")
@@ -282,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             print(inspect_store(args.store))
         elif args.command == "watermark":
             code, msg = watermark_check(args.file, args.key)
-            print(msg)
+            print(f"affectlens: {msg}" if code == 2 else msg, file=sys.stderr if code == 2 else sys.stdout)
             return code
         elif args.command == "steer":
             from affectlens.steering.oneclip import load_wave
