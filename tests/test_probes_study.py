@@ -84,14 +84,56 @@ def frame_store(path, acts, manifest, rng_seed=1):
 
 
 # --- the shared estimator contract -------------------------------------------------------------
+# Every estimator of the package follows scikit-learn's conventions: __init__ stores the
+# hyperparameters as given (get_params, set_params and clone work), fit returns the estimator,
+# what it learns ends in `_` and a refit replaces it. The probes take (X, y) and also pass
+# check_estimator; the steering judge fits on waves and the mel mapper on activations with their
+# waves, so check_estimator's (X, y) checks do not apply to them (None).
 
-ESTIMATORS = {
-    "LinearProbe": (LinearProbe(C=0.5), {
-        "check_classifiers_train": "decision_function returns [n, 2] logits for two classes, by design",
-        "check_classifiers_classes": "decision_function returns [n, 2] logits for two classes, by design"}),
-    "RidgeProbe": (RidgeProbe(alphas=(0.1, 10.0)), {}),
-    "ConceptAxis": (ConceptAxis(), {}),
-}
+def _arrays(variant):
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(40, (5, 3)[variant])), np.repeat([0, 1], 20)
+
+
+def _tones(variant):
+    """Waves (0.5 s harmonic tones at three pitches) and their labels, for the acoustic judge."""
+    rng = np.random.default_rng(variant)
+    t = np.arange(8000) / 16000
+    labels = (["low", "high"], ["low", "mid", "high"])[variant]
+    f0 = {"low": 110.0, "mid": 170.0, "high": 240.0}
+    waves = [(0.3 * sum(np.sin(2 * np.pi * k * f0[label] * (1 + 0.02 * rng.normal()) * t) / k for k in (1, 2, 3))
+              + 0.01 * rng.normal(size=t.size)).astype(np.float32) for label in labels for _ in range(4)]
+    return waves, [label for label in labels for _ in range(4)]
+
+
+def _activations(variant):
+    """Activations [frame, d] at 50 frames/s and their 0.5 s waves, for the mel mapper."""
+    rng = np.random.default_rng(variant)
+    waves = [(0.1 * rng.normal(size=8000)).astype(np.float32) for _ in range(6)]
+    return [rng.normal(size=(25, (6, 4)[variant])).astype(np.float32) for _ in waves], waves
+
+
+def _estimators():
+    from affectlens.acoustics import ACOUSTIC_FEATURE_NAMES
+    from affectlens.steering.inversion import MelMapper
+    from affectlens.steering.judge import AcousticJudge
+
+    n_acoustic = len(ACOUSTIC_FEATURE_NAMES)
+    # name: (estimator, fit arguments of a first and a second fit, n_features_in_ after each,
+    #        check_estimator's expected failures or None where it does not apply)
+    return {
+        "LinearProbe": (LinearProbe(C=0.5), _arrays, (5, 3), {
+            "check_classifiers_train": "decision_function returns [n, 2] logits for two classes, by design",
+            "check_classifiers_classes": "decision_function returns [n, 2] logits for two classes, by design"}),
+        "RidgeProbe": (RidgeProbe(alphas=(0.1, 10.0)), _arrays, (5, 3), {}),
+        "ConceptAxis": (ConceptAxis(), _arrays, (5, 3), {}),
+        "AcousticJudge": (AcousticJudge(C=0.5, level_free=False), _tones, (n_acoustic, n_acoustic), None),
+        # alphas as a list: clone fails on an __init__ that converts what it is given
+        "MelMapper": (MelMapper(context=1, n_mels=16, alphas=[0.1, 1.0]), _activations, (6, 4), None),
+    }
+
+
+ESTIMATORS = _estimators()
 
 
 @pytest.mark.parametrize("name", list(ESTIMATORS))
@@ -99,21 +141,27 @@ ESTIMATORS = {
 def test_every_estimator_follows_the_sklearn_contract(name):
     from sklearn.utils.estimator_checks import check_estimator
 
-    est, expected_failures = ESTIMATORS[name]
+    est, data, n_features, expected_failures = ESTIMATORS[name]
+    est = clone(est)
     params = est.get_params()
-    assert clone(est).get_params() == params
-    assert not any(k.endswith("_") for k in vars(est))  # __init__ stores hyperparameters only
+    assert clone(est).get_params() == params and est.set_params(**params) is est
+    assert set(vars(est)) == set(params)  # __init__ stores hyperparameters only
     with pytest.raises(NotFittedError):
         est.transform(np.zeros((2, 3))) if hasattr(est, "transform") else est.predict(np.zeros((2, 3)))
-    rng = np.random.default_rng(0)
-    X, y = rng.normal(size=(40, 5)), np.repeat([0, 1], 20)
-    assert est.fit(X, y) is est
-    first = {k: v for k, v in vars(est).items() if k.endswith("_")}
-    est.fit(X[:, :3], y)  # a refit replaces the state
-    assert est.n_features_in_ == 3 and first["n_features_in_"] == 5
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        check_estimator(clone(est), expected_failed_checks=expected_failures)
+    assert est.fit(*data(0)) is est
+    first = {k: v for k, v in vars(est).items() if k not in params}
+    assert first and all(k.endswith("_") for k in first)  # learned state ends in `_`
+    assert est.get_params() == params  # fitting leaves the hyperparameters as they were
+    est.fit(*data(1))  # a refit replaces the state
+    assert set(vars(est)) - set(params) == set(first)
+    assert any(getattr(est, k) is not v for k, v in first.items())
+    assert (first["n_features_in_"], est.n_features_in_) == n_features
+    fresh = clone(est)
+    assert fresh.get_params() == params and not any(k.endswith("_") for k in vars(fresh))
+    if expected_failures is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            check_estimator(fresh, expected_failed_checks=expected_failures)
 
 
 # --- statistics and regression ---------------------------------------------------------------
