@@ -139,9 +139,10 @@ class TraceConfig(_Section):
 
 
 @dataclass(frozen=True)
-class SteerConfig:
+class SteerConfig(_Section):
     """The `steer:` section (see the schema for each key's meaning)."""
 
+    KEY = "steer"
     alphas: tuple[float, ...] = (0.0, 1.0, 2.0)
     n_clips: int = 8
     methods: tuple[str, ...] = ("diff_of_means", "probe", "pca")
@@ -164,11 +165,6 @@ class SteerConfig:
     watermark_key: str = "affectlens"
     watermark_snr_db: Any = "auto"
 
-    @classmethod
-    def from_dict(cls, values: Mapping | None, key: str = "steer") -> SteerConfig:
-        if isinstance(values, cls):
-            return values
-        return build_section(cls, values, key)
 
 
 SECTIONS = {"probe": ProbeConfig, "probe_dynamic": ProbeDynamicConfig, "sae": SaeConfig, "patch": PatchConfig,

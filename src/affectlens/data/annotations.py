@@ -8,7 +8,6 @@ import hashlib
 import io
 import logging
 import os
-from dataclasses import fields
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -22,13 +21,11 @@ class AnnotationError(ValueError):
 
 
 def options(cls, values: Mapping | None, key: str):
-    """Build an options dataclass from a config mapping; unknown keys name the config key at fault."""
-    values = dict(values or {})
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"{key}: unknown option(s) {unknown}; known: {sorted(known)}")
-    return cls(**values)
+    """Build an options dataclass from a config mapping; unknown keys name the config key at fault
+    (`models.config.build_section`, as every config section is built)."""
+    from affectlens.models.config import build_section
+
+    return build_section(cls, values, key)
 
 
 def read_text(path: str | Path, encodings: Sequence[str] = ("utf-8-sig", "cp1252")) -> str:
