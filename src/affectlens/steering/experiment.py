@@ -161,6 +161,21 @@ def random_directions(d: int, norm: float, n: int, seed: int) -> list[np.ndarray
     return out
 
 
+def gain_control(wave: np.ndarray, edited: np.ndarray, sr: int) -> np.ndarray:
+    """The `gain` control of an edit: the clip re-levelled to the level the edit is written at (files
+    are kept inside full scale), as far as full scale allows (where it cannot, the control is quieter
+    and its level column says by how much)."""
+    from affectlens.acoustics import active_level_db, relevel, within_full_scale
+
+    level = active_level_db(within_full_scale(edited), sr)
+    return within_full_scale(relevel(wave, sr, level))
+
+
+def fixed_change(shift: np.ndarray, alpha: float, n_grid: int) -> np.ndarray:
+    """The `mel_shift` control's change: alpha * shift [n_mels] on every one of `n_grid` mel frames."""
+    return np.tile(alpha * np.asarray(shift, np.float32), (n_grid, 1)).astype(np.float32)
+
+
 # --- one clip ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Output:
@@ -179,7 +194,6 @@ def render_clip(adapter, wave: np.ndarray, fit: SpeakerFit, steer_site: str, hea
                 controls: list[str], mode: str, vocoder=None, primary: str = "diff_of_means") -> list[Output]:
     """The clip, then alpha = 0 once (every method and control leaves the clip as it is there: the
     round trip through the inversion path), then each method, and each control, per nonzero alpha."""
-    from affectlens.acoustics import active_level_db, relevel, within_full_scale
     from affectlens.steering.inversion import change_dependence, predicted_change, render_change
     from affectlens.steering.oneclip import site_frames
     from affectlens.steering.vectors import add_vector
@@ -209,15 +223,12 @@ def render_clip(adapter, wave: np.ndarray, fit: SpeakerFit, steer_site: str, hea
             out, dep = through_model(add_vector(v, alpha))
             outputs.append(Output("random", "control", alpha, s, out, dep))
         if "mel_shift" in controls:
-            change = np.tile(alpha * fit.mel_shift, (grid, 1)).astype(np.float32)
-            outputs.append(Output("mel_shift", "control", alpha, None, render(change), 0.0))
+            outputs.append(Output("mel_shift", "control", alpha, None, render(fixed_change(fit.mel_shift, alpha, grid)),
+                                  0.0))
         if "gain" in controls:
             if primary not in mine:
                 raise ValueError(f"control gain matches the level of the {primary} edit: list it in steer.methods")
-            # the level the edit is written at (files are kept inside full scale), reached by the clip
-            # as far as full scale allows (where it cannot, rms_change_db shows the gain control quieter)
-            level = active_level_db(within_full_scale(mine[primary]), sr)
-            outputs.append(Output("gain", "control", alpha, None, within_full_scale(relevel(wave, sr, level))))
+            outputs.append(Output("gain", "control", alpha, None, gain_control(wave, mine[primary], sr)))
     return outputs
 
 

@@ -135,9 +135,6 @@ def steer_wave(adapter, wave: np.ndarray, site: str | list[str], vector, alpha: 
     return invert(mapper, unsteered, steered, wave, mode=mode, vocoder=vocoder, sr=adapter.sample_rate)
 
 
-CONTROLS = ("gain", "mel_shift", "random")
-
-
 def mel_shift_from_references(mapper, ref_from: list[np.ndarray], ref_to: list[np.ndarray], sr: int = SR) -> np.ndarray:
     """[n_mels]: mean log-mel spectrum (the mapper's mel format) of the `to` clips minus the `from` clips."""
     from affectlens.io_audio import resample
@@ -155,15 +152,14 @@ def control_wave(control: str, adapter, wave: np.ndarray, site: str | list[str],
     `gain` the clip re-levelled to the steered wave's active level; `mel_shift` alpha * `mel_shift`
     [n_mels] on every frame, rendered like the edit (model-free); `random` a random direction per
     site with its vector's norm (seed `seed`), through the model like the edit."""
-    from affectlens.acoustics import active_level_db, relevel
-    from affectlens.steering.experiment import random_directions
+    from affectlens.steering.experiment import CONTROLS, fixed_change, gain_control, random_directions
     from affectlens.steering.inversion import render_change
 
     sites = [site] if isinstance(site, str) else list(site)
     vectors = [vector] if isinstance(site, str) else list(vector)
     if control == "gain":
         steered = steer_wave(adapter, wave, sites, vectors, alpha, mapper, mode, frames, vocoder, hear_site)
-        return relevel(wave, adapter.sample_rate, active_level_db(steered, adapter.sample_rate))
+        return gain_control(wave, steered, adapter.sample_rate)
     if control == "random":
         randoms = [random_directions(len(v), float(np.linalg.norm(v)), 1, seed + i)[0] for i, v in enumerate(vectors)]
         return steer_wave(adapter, wave, sites, randoms, alpha, mapper, mode, frames, vocoder, hear_site)
@@ -172,6 +168,6 @@ def control_wave(control: str, adapter, wave: np.ndarray, site: str | list[str],
             raise ValueError("the mel_shift control needs a mel shift: reference clips (--ref-from/--ref-to) or "
                              "the mel_shift.npy the workflow saves beside vector.npy")
         hear0 = site_frames(adapter, wave, hear_site or inversion_site(sites))
-        change = np.tile(alpha * np.asarray(mel_shift, np.float32), (len(hear0) * mapper.upsample, 1))
+        change = fixed_change(mel_shift, alpha, len(hear0) * mapper.upsample)
         return render_change(mapper, hear0, change, wave, mode=mode, vocoder=vocoder, sr=adapter.sample_rate)
     raise ValueError(f"control {control!r}: choose from {CONTROLS}")
