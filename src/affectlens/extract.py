@@ -205,6 +205,7 @@ def store_attrs(adapter: Adapter, manifest: pd.DataFrame, config: dict | None, c
         "model_id": adapter.model_id, "revision": adapter.revision, "family": adapter.family,
         "sample_rate": adapter.sample_rate, "frame_rate": adapter.frame_rate,
         "model_dtype": str(param.dtype).removeprefix("torch."), "device": str(param.device),
+        "input_regime": adapter.input_regime,
         "config_digest": config_digest(config or {}), "versions": package_versions(),
         "clip_range": list(clip_range), "n_clips_total": len(manifest),
         "clip_ids_digest": clip_ids_digest(manifest["clip_id"].astype(str).tolist()),

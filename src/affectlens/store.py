@@ -46,8 +46,8 @@ STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": np.u
 _CHUNK_ROWS = 4096
 FORMAT_VERSION = 2
 # Attributes that must agree between stores merged into one.
-MERGE_KEYS = ("model_id", "revision", "family", "sample_rate", "frame_rate", "storage_dtype", "config_digest",
-              "sites", "towers", "n_clips_total", "clip_ids_digest")
+MERGE_KEYS = ("model_id", "revision", "family", "sample_rate", "frame_rate", "input_regime", "storage_dtype",
+              "config_digest", "sites", "towers", "n_clips_total", "clip_ids_digest")
 
 
 class IncompleteStoreError(RuntimeError):

@@ -72,6 +72,9 @@ class Adapter(ABC):
     # What one clip's input is made of, in the order `prepare` takes it: ("audio",) -> a wave,
     # ("text",) -> a string, several -> a dict {"audio": wave, "text": str, "video": frames}.
     inputs: tuple[str, ...] = ("audio",)
+    # How a clip reaches the model when a family has several ways (Whisper: "padded-30s" or
+    # "trimmed"); stored with every store, and stores of different regimes never merge.
+    input_regime: str = "native"
 
     def __init__(self, model: nn.Module, model_id: str, revision: str = "", device: str = "cpu"):
         self.model = model.eval()

@@ -53,6 +53,12 @@ class ModelConfig:
     speech_max_answer_tokens: int | None = None
     speech_max_codes: int | None = None
     speech_min_codes: int | None = None
+    trim: bool = False
+
+    def __post_init__(self):
+        if self.trim and self.family != "whisper":
+            raise SettingsError(f"models.<name>.trim: only the whisper family pads its input (to 30 s) and can trim "
+                                f"it; family {self.family!r} runs on each clip's own length already: drop `trim`")
 
     @classmethod
     def from_dict(cls, values: Mapping, key: str = "models.<name>") -> ModelConfig:

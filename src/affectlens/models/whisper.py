@@ -324,16 +324,24 @@ class WhisperAdapter(Adapter):
     sample_rate = SAMPLE_RATE
     frame_rate = 50.0
     optional_towers = ("decoder",)
+    config_keys = ("trim",)
 
     def __init__(self, model: WhisperForConditionalGeneration, model_id: str, revision: str = "",
                  device: str = "cpu", *, feature_extractor: WhisperFeatureExtractor | None = None,
                  tokenizer: WhisperTokenizer | None = None, towers: tuple[str, ...] = ("encoder",),
-                 language: str = "en"):
+                 language: str = "en", trim: bool = False):
         super().__init__(model, model_id, revision, device)
         unknown = set(towers) - {"encoder", "decoder"}
         if unknown:
             raise ValueError(f"Whisper towers {towers}: choose among 'encoder' and 'decoder'")
         self.towers = ("encoder", "decoder") if "decoder" in towers else ("encoder",)  # the decoder reads the encoder
+        if trim and "decoder" in self.towers:
+            raise ValueError("Whisper trim: true reads the encoder on each clip's own frames; the decoder tower was "
+                             "trained on the padded 30 s window: drop the decoder sites or set trim: false")
+        # trim: the encoder runs on each clip's own frames (no 30 s of padding); another regime than
+        # the model's training, recorded in every store as `input_regime` so the two never mix.
+        self.trim = bool(trim)
+        self.input_regime = "trimmed" if self.trim else "padded-30s"
         self.encoder = model.get_encoder()
         self.decoder = model.get_decoder()
         self.feature_extractor = feature_extractor or WhisperFeatureExtractor(feature_size=model.config.num_mel_bins)
@@ -350,10 +358,10 @@ class WhisperAdapter(Adapter):
     @classmethod
     def from_source(cls, source: str, device: str = "cpu", dtype: str = "float32",
                     revision: str | None = None, device_map=None,
-                    towers: tuple[str, ...] = ("encoder",)) -> "WhisperAdapter":
+                    towers: tuple[str, ...] = ("encoder",), trim: bool = False) -> "WhisperAdapter":
         model, fe, tok, rev = load_whisper(source, device, dtype, revision, device_map)
         device = str(next(model.parameters()).device) if device_map is not None else device
-        return cls(model, source, rev, device, feature_extractor=fe, tokenizer=tok, towers=towers)
+        return cls(model, source, rev, device, feature_extractor=fe, tokenizer=tok, towers=towers, trim=trim)
 
     @property
     def n_blocks(self) -> dict[str, int]:
@@ -385,7 +393,8 @@ class WhisperAdapter(Adapter):
                     f"clip {i} lasts {len(w) / self.sample_rate:.1f} s; Whisper sees at most "
                     f"{self.max_samples / self.sample_rate:.0f} s at once: split it into shorter segments first"
                 )
-        features = log_mel(self.feature_extractor, waves, self.max_samples)
+        features = (trimmed_log_mel(self.feature_extractor, waves) if self.trim
+                    else log_mel(self.feature_extractor, waves, self.max_samples))
         param = next(self.model.parameters())
         n_frames = [self.frames_for(len(w)) for w in waves]
         positions = {"encoder": [audio_positions(n, self.frame_rate) for n in n_frames]}
@@ -439,7 +448,22 @@ class WhisperAdapter(Adapter):
         if "decoder_input_ids" in batch.inputs:
             return self.model(input_features=batch.inputs["input_features"],
                               decoder_input_ids=batch.inputs["decoder_input_ids"], use_cache=False).logits
+        if self.trim:
+            return self._trimmed_encoder(batch.inputs["input_features"], batch.n_frames)
         return self.encoder(batch.inputs["input_features"]).last_hidden_state
+
+    def _trimmed_encoder(self, features: torch.Tensor, n_frames: list[int]) -> torch.Tensor:
+        """The encoder's own steps on features of the batch's longest clip: conv stem, the first
+        positions of the positional table, the blocks with padding frames masked out as keys (so a
+        clip's frames do not depend on what it is batched with), the final layer norm."""
+        enc = self.encoder
+        hidden = nn.functional.gelu(enc.conv2(nn.functional.gelu(enc.conv1(features)))).permute(0, 2, 1)
+        hidden = hidden[:, :max(n_frames)]  # the silence after the longest clip was context for the stem only
+        hidden = hidden + enc.embed_positions.weight[:hidden.shape[1]]
+        mask = padding_mask(n_frames, hidden.shape[1], hidden.dtype, hidden.device)
+        for layer in enc.layers:
+            hidden = layer(hidden, mask)
+        return enc.layer_norm(hidden)
 
     @torch.inference_mode()
     def run_from(self, batch: Batch, site: str, activation: torch.Tensor, capture=()):
@@ -455,8 +479,9 @@ class WhisperAdapter(Adapter):
         start = start_site.block + 1  # embed has block -1
         with self.hooks(capture=[c for c in capture if c != site]) as cache:
             hidden = activation.to(next(self.model.parameters()).dtype)
+            mask = padding_mask(batch.n_frames, hidden.shape[1], hidden.dtype, hidden.device) if self.trim else None
             for layer in self.encoder.layers[start:]:
-                hidden = layer(hidden, None)
+                hidden = layer(hidden, mask)
             out = self.encoder.layer_norm(hidden)
         if site in capture:
             cache[site] = activation
@@ -469,6 +494,26 @@ def log_mel(feature_extractor: WhisperFeatureExtractor, waves: list[np.ndarray],
         [np.asarray(w, dtype=np.float32) for w in waves], sampling_rate=SAMPLE_RATE,
         padding="max_length", max_length=max_samples, return_tensors="pt",
     ).input_features
+
+
+def trimmed_log_mel(feature_extractor: WhisperFeatureExtractor, waves: list[np.ndarray]) -> torch.Tensor:
+    """Log-mel features [clip, mel, 2 * longest + 2] of the batch's longest clip (2 mel frames per
+    encoder frame, ceil(samples / 320) encoder frames) and 2 frames more, each clip computed as in the
+    30 s window (followed by silence, the same normalisation): the conv stem then sees at a clip's end
+    exactly what it sees in the window, whatever the clip is batched with."""
+    width = 2 * max(int(np.ceil(len(w) / SAMPLES_PER_FRAME)) for w in waves) + 2
+    # every frame's STFT window (n_fft samples, centred) lies inside the zero-padded signal
+    length = width * feature_extractor.hop_length + feature_extractor.n_fft
+    return log_mel(feature_extractor, waves, length)[:, :, :width]  # normalised per clip, so batching changes nothing
+
+
+def padding_mask(n_frames: list[int], width: int, dtype: torch.dtype, device) -> torch.Tensor | None:
+    """Additive attention mask [clip, 1, 1, key]: padding frames are never attended to (None when
+    no clip of the batch is padded)."""
+    if all(n == width for n in n_frames):
+        return None
+    keep = torch.arange(width, device=device)[None, :] < torch.as_tensor(n_frames, device=device)[:, None]
+    return torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill(~keep, torch.finfo(dtype).min)[:, None, None]
 
 
 # --- transcription -----------------------------------------------------------------------------
