@@ -118,6 +118,8 @@ class PatchConfig(_Section):
     noise_factor: float = 3.0
     rate_reference_clips: int = 32
     attribution: bool = True
+    exact: str = "all"
+    top_k: int = 10
     max_batch: int = 16
     window_s: float = 0.4
     stride_s: float = 0.4

@@ -21,6 +21,8 @@ from affectlens.models.sites import parse_site
 # Pairs whose clean and corrupt metric differ by less than this cannot be normalised.
 MIN_METRIC_GAP = 1e-3
 
+Cell = tuple[str, str, int]  # (direction, site, frame_start): one cell of the patching grid
+
 
 class Metric(Protocol):
     capture: list[str]
@@ -81,11 +83,13 @@ def window_setter(donor: torch.Tensor, windows: list[tuple[int, int]]) -> Interv
 
 def patch_pair(adapter: Adapter, clean: Batch, corrupt: Batch, sites: list[str],
                windows: list[tuple[int, int]], metric: Metric, max_batch: int = 16,
-               corrupt_interventions: dict[str, Intervention] | None = None) -> pd.DataFrame:
+               corrupt_interventions: dict[str, Intervention] | None = None,
+               cells: set[Cell] | None = None) -> pd.DataFrame:
     """Exact patching of one pair over sites × windows, both directions. One row per
     (direction, site, window) with the raw metric and its normalised value (method = "exact").
     `corrupt_interventions` make the corrupt run from the corrupt input (e.g. embedding noise);
-    patched runs start from the corrupt run's cached activations, so they carry the edit too."""
+    patched runs start from the corrupt run's cached activations, so they carry the edit too.
+    `cells` (e.g. `top_cells` of attribution patching) limits the grid to those cells."""
     capture = list(dict.fromkeys([*sites, *metric.capture]))
     _, clean_cache = adapter.run(clean, capture=capture)
     _, corrupt_cache = adapter.run(corrupt, capture=capture, interventions=corrupt_interventions)
@@ -97,8 +101,9 @@ def patch_pair(adapter: Adapter, clean: Batch, corrupt: Batch, sites: list[str],
     for direction, base, base_cache, donor_cache in runs:
         for site in sites:
             donor = donor_cache[site][0]
-            for lo in range(0, len(windows), max_batch):
-                chunk = windows[lo:lo + max_batch]
+            todo = windows if cells is None else [w for w in windows if (direction, site, w[0]) in cells]
+            for lo in range(0, len(todo), max_batch):
+                chunk = todo[lo:lo + max_batch]
                 batch = base.repeat(len(chunk))
                 # Everything before `site` equals the base run: start there from its cached activation.
                 patched = window_setter(donor, chunk)(base_cache[site].expand(len(chunk), -1, -1), site)
@@ -113,6 +118,18 @@ def patch_pair(adapter: Adapter, clean: Batch, corrupt: Batch, sites: list[str],
                         "normalised": (raw - m_corrupt) / gap if abs(gap) >= MIN_METRIC_GAP else np.nan,
                     })
     return pd.DataFrame(rows)
+
+
+def top_cells(rows: pd.DataFrame, k: int) -> set[Cell]:
+    """The k cells per direction whose patch moves the metric furthest from the base run's, by
+    |raw - base| (base: the corrupt run when denoising, the clean run when noising), for rows of
+    one pair (either method); ties go to the earlier site, then window. This ranks as |normalised|
+    does (|normalised - 1| when noising) and stays defined when the pair cannot be normalised."""
+    base = rows["corrupt"].where(rows["direction"] == "denoising", rows["clean"])
+    ranked = rows.assign(size=(rows["raw"] - base).abs()).sort_values(
+        ["direction", "size", "depth", "frame_start"], ascending=[True, False, True, True], kind="stable")
+    top = ranked.groupby("direction", sort=False).head(k)
+    return set(zip(top["direction"], top["site"], top["frame_start"].astype(int)))
 
 
 def summarise(effects: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:

@@ -13,7 +13,7 @@ from affectlens.models import build_adapter
 from affectlens.models.config import ModelConfig
 from affectlens.models.sites import parse_site
 from affectlens.models.config import readout_site as pick_readout
-from affectlens.settings import PatchConfig, TraceConfig
+from affectlens.settings import PatchConfig, SettingsError, TraceConfig
 
 log = logging.getLogger("affectlens")
 
@@ -22,20 +22,25 @@ def patch(store_path, manifest_path, model_cfg: ModelConfig | dict, contrast: di
           label_column: str,
           out_pairs, out_effects, out_summary, out_agreement=None) -> None:
     """Exact patching (and, with `attribution`, its gradient estimate on the same grid) of every
-    stored site × time window for one contrast. The corrupt run comes from the strategy named by
-    `corruption` (affectlens.patching.corruptions): the paired clip (`pairs`), the clean clip with
-    embedding noise (`noise`) or the clean clip with its prosody neutralised (`prosody_neutral`)."""
+    stored site × time window for one contrast; with `exact: top_k`, exact patching runs only on
+    each pair's `top_k` cells per direction by attribution effect. The corrupt run comes from the
+    strategy named by `corruption` (affectlens.patching.corruptions): the paired clip (`pairs`),
+    the clean clip with embedding noise (`noise`) or the clean clip with its prosody neutralised
+    (`prosody_neutral`)."""
     from tqdm import tqdm
 
     from affectlens.data.decode import decode_clip
     from affectlens.data.manifest import read_manifest
     from affectlens.patching.attribution import agreement, attribute_pair
     from affectlens.patching.corruptions import CorruptionContext, corruption_strategy
-    from affectlens.patching.patch import ProbeLogitDiff, patch_pair, summarise, time_windows
+    from affectlens.patching.patch import ProbeLogitDiff, patch_pair, summarise, time_windows, top_cells
     from affectlens.probes.sweep import fit_readout
     from affectlens.store import Store
 
     params = PatchConfig.from_dict(params)
+    if params.exact == "top_k" and not params.attribution:
+        raise SettingsError("patch.exact: top_k ranks the cells by attribution patching; set patch.attribution: true "
+                            "(or patch.exact: all)")
     model_cfg = ModelConfig.from_dict(model_cfg)
     strategy = corruption_strategy(params.corruption)
     manifest = read_manifest(manifest_path)
@@ -67,10 +72,11 @@ def patch(store_path, manifest_path, model_cfg: ModelConfig | dict, contrast: di
         clean = adapter.prepare([clean_wave])
         corrupt, noise = corruption.corrupt_run(adapter, clean_wave, by_id.loc[pair.corrupt_clip, "path"])
         windows = time_windows(max(clean.n_frames[0], corrupt.n_frames[0]), size, stride)
-        df = patch_pair(adapter, clean, corrupt, sites, windows, metric, params.max_batch, corrupt_interventions=noise)
-        if params.attribution:
-            df = pd.concat([df, attribute_pair(adapter, clean, corrupt, sites, windows, metric, noise)],
-                           ignore_index=True)
+        attr = attribute_pair(adapter, clean, corrupt, sites, windows, metric, noise) if params.attribution else None
+        cells = top_cells(attr, params.top_k) if params.exact == "top_k" else None
+        df = patch_pair(adapter, clean, corrupt, sites, windows, metric, params.max_batch,
+                        corrupt_interventions=noise, cells=cells)
+        df = pd.concat([df, attr], ignore_index=True)
         df.insert(0, "pair_id", pair.pair_id)
         effects.append(df)
     effects = pd.concat(effects, ignore_index=True)
@@ -119,7 +125,8 @@ def heatmaps(summaries: dict[str, list[str]], out_dir) -> None:
             agreement_tsv = Path(p).with_name("agreement.tsv")
             if agreement_tsv.exists() and agreement_tsv.stat().st_size > 0:
                 agree = pd.read_csv(agreement_tsv, sep="\t")
-                note = "; ".join(f"attribution vs exact, {r.direction}: Spearman {r.spearman:.2f}, top cell "
+                note = "; ".join(f"attribution vs exact, {r.direction} ({r.n_cells} cells): "
+                                 f"Spearman {r.spearman:.2f}, top cell "
                                  f"{'agrees' if r.top_agree else f'differs ({r.top_attribution} vs {r.top_exact})'}"
                                  for r in agree.itertuples())
             entries.append({"study": study, "title": title, "png": maps[0]["png"], "tsv": maps[0]["tsv"],

@@ -19,15 +19,18 @@ DIRECTIONS = ("denoising", "noising")
 
 def heatmap_grid(summary: pd.DataFrame, direction: str, method: str = "exact") -> pd.DataFrame:
     """[site, window] table of the mean normalised effect for one direction and method (rows by
-    depth, columns by start time, labelled in seconds)."""
-    d = summary[summary["direction"] == direction]
-    if "method" in d:
-        d = d[d["method"] == method]
-    d = d.copy()
+    depth, columns by start time, labelled in seconds). The table spans every cell of the direction
+    in any method: cells this method did not run (exact patching screened by attribution,
+    `patch.exact: top_k`) are NaN."""
+    d = summary[summary["direction"] == direction].copy()
     if "window" not in d:  # summaries over other columns (video tracing's token slices) bring their labels
         d["window"] = [f"{a:.2f}–{b:.2f}s" for a, b in zip(d["start_s"], d["end_s"])]
+    rows = pd.MultiIndex.from_frame(d[["depth", "site"]].drop_duplicates())
+    columns = pd.MultiIndex.from_frame(d[["frame_start", "window"]].drop_duplicates())
+    if "method" in d:
+        d = d[d["method"] == method]
     grid = d.pivot_table(index=["depth", "site"], columns=["frame_start", "window"], values="mean", aggfunc="first")
-    grid = grid.sort_index(axis=0).sort_index(axis=1)
+    grid = grid.reindex(index=rows, columns=columns).sort_index(axis=0).sort_index(axis=1)
     grid.index = grid.index.get_level_values("site")
     grid.columns = grid.columns.get_level_values("window")
     return grid
