@@ -15,6 +15,7 @@ include: "workflow/rules/extract.smk"
 include: "workflow/rules/patch.smk"
 include: "workflow/rules/probe.smk"
 include: "workflow/rules/sae.smk"
+include: "workflow/rules/concepts.smk"
 include: "workflow/rules/steer.smk"
 include: "workflow/rules/report.smk"
 

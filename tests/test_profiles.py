@@ -123,15 +123,30 @@ def rule_block(name: str) -> str:
     raise AssertionError(f"no rule {name}")
 
 
-def test_retried_rules_ask_for_more_memory_each_attempt():
-    """The GPU rules are retried, each attempt with mem_mb = base x attempt (a dry run only ever
-    shows attempt 1, so the callable itself is checked here)."""
+def test_retried_rules_ask_for_more_memory_each_attempt(tmp_path, monkeypatch):
+    """The GPU rules are retried, each attempt after one killed without a word (the out-of-memory
+    killer, a scheduler's memory limit) with mem_mb = base x attempt, after an error a retry cannot
+    fix with the base again (a dry run only ever shows attempt 1, so the callable itself is checked
+    here with the job's log path from its rule; tests/test_retries.py runs both on the real DAG)."""
+    from types import SimpleNamespace
+
+    from snakemake.io import apply_wildcards
+
+    from affectlens import faults
+
     common = (REPO / "workflow" / "rules" / "common.smk").read_text()
     source = re.search(r"^def mem_by_attempt\(.*?(?=^\S)", common, re.M | re.S).group(0)
-    namespace = {}
+    rule = SimpleNamespace(log=["logs/extract/{dataset}/{model}.log"])
+    namespace = {"workflow": SimpleNamespace(get_rule=lambda name: rule), "apply_wildcards": apply_wildcards,
+                 "faults": faults}
     exec(source, namespace)
     mem = namespace["mem_by_attempt"](8000)
-    assert [mem(None, attempt) for attempt in (1, 2, 3)] == [8000, 16000, 24000]
+    wildcards = {"dataset": "demo", "model": "m"}
+    monkeypatch.chdir(tmp_path)
+    faults.reset()
+    assert [mem(wildcards, attempt, "extract") for attempt in (1, 2, 3)] == [8000, 16000, 24000]
+    faults.record("logs/extract/demo/m.log", "fatal", "ValueError: weights differ")
+    assert [mem(wildcards, attempt, "extract") for attempt in (1, 2, 3)] == [8000, 8000, 8000]
     for rule, base in {**GPU_RULES, "extract_shard": 8000}.items():
         block = rule_block(rule)
         assert re.search(r"^\s+retries: 2$", block, re.M), rule

@@ -18,6 +18,7 @@ from affectlens import stages
 from affectlens.models.whisper import WhisperAdapter
 from affectlens.probes.linear import LinearProbe
 from affectlens.sae import build
+from affectlens.data.concepts import concept_clips
 from affectlens.sae.concept import find_concept
 from affectlens.sae.features import peak_frames, top_activating
 from affectlens.sae.fidelity import output_head_for, splice_fidelity
@@ -83,13 +84,16 @@ def test_find_concept_from_two_folders(tiny, tmp_path):
         sf.write(folder / f"take{i}.wav", wave, 16000)
     sae = build("topk", d_in=64, expansion=2, k=8)
     sae.init_from_data(torch.randn(256, 64))
-    concept = find_concept(sae.eval(), tiny, SITE, tmp_path / "guitar", tmp_path / "no_guitar", ks=(1, 2), n_splits=2)
-    assert len(concept.ranking) == 128 and concept.ranking["rank"].tolist() == list(range(128))
-    assert concept.positive.sum() == 4 and len(concept.clips) == 8 and concept.acts.shape == (8, 128)
+    (with_files, with_groups), (without_files, without_groups) = (concept_clips(tmp_path / "guitar"),
+                                                                  concept_clips(tmp_path / "no_guitar"))
+    concept = find_concept(sae.eval(), tiny, SITE, with_files, without_files, with_groups, without_groups, top_k=2,
+                           n_splits=2, n_boot=50, n_permutations=99)
+    assert len(concept.features) == 128 and concept.features["rank"].tolist() == list(range(128))
+    assert (concept.clips["concept"] == "with").sum() == 4 and len(concept.clips) == 8 and concept.acts.shape == (8, 128)
     assert concept.probe["k"].tolist() == [1, 2] and concept.probe["accuracy"].between(0, 1).all()
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no audio files"):
-        find_concept(sae, tiny, SITE, tmp_path / "guitar", tmp_path / "empty")
+        concept_clips(tmp_path / "empty")
 
 
 # -- a small store + manifest, as the workflow hands them to the stage ----------------------------

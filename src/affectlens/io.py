@@ -23,13 +23,19 @@ def _temp_name(path: Path) -> Path:
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path to write to; it becomes `path` when the block ends without error."""
+    """Yield a temp path to write to; it becomes `path` when the block ends without error. An
+    OSError that names no file (a write to a full disk) is given `path`, so its message says what
+    could not be written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_name(path)
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -168,7 +168,30 @@ class SteerConfig(_Section):
     watermark_snr_db: Any = "auto"
 
 
+@dataclass(frozen=True)
+class ConceptConfig(_Section):
+    """One entry of `concepts:`, a concept from two folders of recordings (see the schema for each
+    key's meaning). `model`, `dataset` and `site` name the SAE (`config.concept_sae` resolves the
+    defaults); the rest is how `stages.concepts` reads the folders and tests the features."""
+
+    KEY = "concepts.<name>"
+    with_concept: str
+    without_concept: str
+    model: str
+    dataset: str | None = None
+    site: str | None = None
+    group_by: str = "subfolder"
+    n_permutations: int | None = None
+    n_boot: int = 1000
+    alpha: float = 0.05
+    top_k: int = 10
+    top_clips: int = 5
+    n_splits: int = 4
+    seed: int = 0
+
+
 
 SECTIONS = {"probe": ProbeConfig, "probe_dynamic": ProbeDynamicConfig, "sae": SaeConfig, "patch": PatchConfig,
             "trace": TraceConfig, "steer": SteerConfig}
-"""Config sections with a typed view, by top-level key (models: `models.config.ModelConfig`, one per entry)."""
+"""Config sections with a typed view, by top-level key (models: `models.config.ModelConfig`, one per entry;
+concepts: `ConceptConfig`, one per entry)."""

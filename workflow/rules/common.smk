@@ -2,20 +2,41 @@
 # `rules.X.output`; these functions spell paths out, since a storage-flagged `rules.X.output` (a
 # --default-storage-provider run) cannot be formatted here.
 import yaml
+from snakemake.io import apply_wildcards
 from snakemake.utils import validate
 
+from affectlens import faults
 from affectlens.models.sites import SITE_PATTERN
-from affectlens.config import check_config, contrast_name, sae_steer_site
+from affectlens.config import (
+    LABEL_PATTERN,
+    canonical,
+    check_config,
+    concept_sae,
+    contrast_name,
+    sae_steer_site,
+)
+from affectlens.data.concepts import audio_files
+from affectlens.data.sources import data_listing, known_labels
 from affectlens.extract import shard_paths, weight_files
 
+SCHEMA = yaml.safe_load(open(workflow.source_path("../schemas/config.schema.yaml")))
 validate(config, "../schemas/config.schema.yaml")
-check_config(config)
+# The datasets' own files (folders, tables) are read in the main process only: a cluster job's
+# own Snakemake may not see the same paths, and the main process checked them. (A model's depth is
+# read from its config.json where there is one, and not checked where there is none.)
+check_config(config, known_labels if workflow.is_main_process else None)
+# One key order for the settings: rule params are compared by their repr, so reordering keys in a
+# config file reruns nothing (named entries keep their order, the order results are listed in).
+config.update(canonical(config, SCHEMA))
+
+if workflow.is_main_process:
+    faults.reset()  # a new run: no job's earlier attempts count (see mem_by_attempt)
 
 
 wildcard_constraints:
     dataset="[A-Za-z0-9_-]+",
     model="[A-Za-z0-9_.-]+",
-    contrast="[A-Za-z0-9_]+-to-[A-Za-z0-9_]+",
+    contrast=f"{LABEL_PATTERN}-to-{LABEL_PATTERN}",
     site=SITE_PATTERN,
 
 
@@ -52,8 +73,15 @@ def study_of(wildcards):
 
 
 def mem_by_attempt(mb):
-    """mem_mb that grows with each attempt of a retried job (`retries:`): mb, 2 mb, 3 mb, ..."""
-    return lambda wildcards, attempt: mb * attempt
+    """mem_mb of a retried job (`retries:`): mb, then mb x attempt after an attempt that ran out of
+    memory or was killed without a word; after an error a retry cannot fix (the attempt's record,
+    affectlens.faults) the retry asks for mb again and stops at once."""
+
+    def mem_mb(wildcards, attempt, rulename):
+        log = apply_wildcards(str(workflow.get_rule(rulename).log[0]), wildcards)
+        return faults.mem_mb(mb, attempt, log)
+
+    return mem_mb
 
 
 def benchmark_files():
@@ -77,6 +105,7 @@ def benchmark_files():
                 files.append(
                     f"benchmarks/steer/{dataset}/{model}/{contrast_name(c)}.tsv"
                 )
+    files += [f"benchmarks/concepts/{name}.tsv" for name in config["concepts"]]
     return list(dict.fromkeys(files))
 
 
@@ -102,13 +131,14 @@ def all_targets():
                     f"results/steer/{dataset}/{model}/{contrast_name(c)}",
                     f"results/report/steer/{dataset}/{model}/{contrast_name(c)}.html",
                 ]
+    targets += [f"results/concepts/{name}" for name in config["concepts"]]
     return list(dict.fromkeys(targets))
 
 
 DATASET_SOURCES = set(
-    yaml.safe_load(open(workflow.source_path("../schemas/config.schema.yaml")))[
-        "properties"
-    ]["datasets"]["additionalProperties"]["properties"]["source"]["enum"]
+    SCHEMA["properties"]["datasets"]["additionalProperties"]["properties"]["source"][
+        "enum"
+    ]
 )
 
 
@@ -117,6 +147,13 @@ def dataset_cfg(wildcards):
     change to one source's settings never reruns datasets of another."""
     d = config["datasets"][wildcards.dataset]
     return {k: v for k, v in d.items() if k not in DATASET_SOURCES or k == d["source"]}
+
+
+def dataset_listing(wildcards):
+    """A one-line listing of the dataset's own files (a folder's recordings, a table; empty for the
+    corpora pinned by checksums): rule raw's parameter, so changed data reruns that dataset only.
+    """
+    return data_listing(wildcards.dataset, config["datasets"][wildcards.dataset])
 
 
 def model_cfg(wildcards):
@@ -196,3 +233,30 @@ def judge_models(wildcards):
 def contrast_of(wildcards):
     source, target = wildcards.contrast.split("-to-")
     return {"source": source, "target": target}
+
+
+def concept_inputs(wildcards):
+    """The SAE a concept is read with (config.concept_sae) and the recordings of its two folders:
+    adding, removing or replacing a recording reruns the concept."""
+    c = config["concepts"][wildcards.concept]
+    dataset, model, site = concept_sae(config, wildcards.concept)
+    key = f"concepts.{wildcards.concept}"
+    return {
+        "sae": f"results/sae/{dataset}/{model}/{site}",
+        "with_concept": [
+            local(str(f)) for f in audio_files(c["with_concept"], f"{key}.with_concept")
+        ],
+        "without_concept": [
+            local(str(f))
+            for f in audio_files(c["without_concept"], f"{key}.without_concept")
+        ],
+    }
+
+
+def concept_model(wildcards):
+    """The model entry of the concept's model."""
+    return config["models"][concept_sae(config, wildcards.concept)[1]]
+
+
+def concept_site(wildcards):
+    return concept_sae(config, wildcards.concept)[2]

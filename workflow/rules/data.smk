@@ -10,6 +10,9 @@ rule raw:
     threads: 1
     params:
         dataset=dataset_cfg,
+        # the user's own files, listed when the workflow is planned: a changed folder or table
+        # reruns this dataset's jobs (and nothing else)
+        data=dataset_listing,
     script:
         "../scripts/raw.py"
 

@@ -88,10 +88,11 @@ def to_float(values: pd.Series, source: str | Path, column: str) -> pd.Series:
     return out.astype(float)
 
 
-def walk(root: str | Path, max_depth: int = 6):
+def walk(root: str | Path, max_depth: int = 6, warn: bool = True):
     """(dirpath, dirnames, filenames) under `root`, following symlinks (a linked dataset folder),
     each real folder once: a link to a folder that is listed at its own place under `root`, or was
-    already reached through another link (a loop back to an ancestor included), is skipped."""
+    already reached through another link (a loop back to an ancestor included), is skipped (with a
+    warning, unless `warn` is false)."""
     root = Path(root)
     base = len(root.parts)
     real_dirs = {os.path.realpath(d) for d, _, _ in os.walk(root)}  # without following links
@@ -103,7 +104,7 @@ def walk(root: str | Path, max_depth: int = 6):
             full = os.path.join(dirpath, d)
             real = os.path.realpath(full)
             if d.startswith(".") or real in seen or (os.path.islink(full) and real in real_dirs):
-                if not d.startswith("."):
+                if warn and not d.startswith("."):
                     log.warning("%s: a link to %s, which is listed once already; skipped", full, real)
                 continue
             seen.add(real)

@@ -115,6 +115,11 @@ def read_file_list(path: Path) -> list[str]:
     return [n.strip() for n in df["Filename"] if n.strip()]
 
 
+def known_labels(opts: Options, key: str = "") -> tuple[str, ...]:
+    """The labels of the manifest (its `label` column): the words of the configured emotion codes."""
+    return tuple(EMOTIONS[c] for c in opts.emotions)
+
+
 def fetch(raw_dir: Path, opts: Options, cache: Path) -> None:
     raw_dir.mkdir(parents=True, exist_ok=True)
     if opts.root:

@@ -32,7 +32,7 @@ from affectlens.data.annotations import (AnnotationError, find_dir, read_table, 
                                          to_float, to_int, walk)
 from affectlens.data.archive import extract
 from affectlens.data.download import download, link_tree
-from affectlens.data.music import LABELS, clip_ratings, segments, va_label
+from affectlens.data.music import LABELS, clip_ratings, label_names, segments, va_label
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,11 @@ class Options:
     def __post_init__(self):
         if self.label not in LABELS:
             raise ValueError(f"deam.label: {self.label!r} is not one of {LABELS}")
+
+
+def known_labels(opts: Options, key: str = "") -> tuple[str, ...]:
+    """The labels of the manifest (its `label` column): those of `deam.label`."""
+    return label_names(opts.label)
 
 
 def fetch(raw_dir: Path, opts: Options, cache: Path) -> None:

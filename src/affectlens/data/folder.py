@@ -19,6 +19,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -26,10 +27,12 @@ import pandas as pd
 from affectlens.data.annotations import AnnotationError, check_labels, read_table, rejection, require_columns, walk
 from affectlens.data.decode import check_range
 from affectlens.data.download import link_or_copy, link_tree
+from affectlens.data.listing import content_entry, file_entry
 
 log = logging.getLogger(__name__)
 
 EXTENSIONS = ("wav", "flac", "mp3", "ogg", "opus", "m4a", "aac", "mp4", "webm", "mkv")
+MAX_DEPTH = 32  # folders below root that are searched for recordings
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,86 @@ def fetch(raw_dir: Path, opts: Options, cache: Path) -> None:
         if not Path(opts.csv).is_file():
             raise FileNotFoundError(f"datasets.<name>.folder.csv: {opts.csv} does not exist")
         link_or_copy(opts.csv, raw_dir / "labels.csv")
+
+
+def recordings(root: str | Path, opts: Options, warn: bool = True) -> Iterator[tuple[Path, str]]:
+    """(path, path relative to root in POSIX form) of every file under root with a recording
+    extension, in a stable order; links are followed, each real folder once (`walk`)."""
+    root = Path(root)
+    for d, _, files in walk(root, max_depth=MAX_DEPTH, warn=warn):
+        for name in files:
+            p = d / name
+            if p.suffix.lower().lstrip(".") in opts.extensions:
+                yield p, p.relative_to(root).as_posix()
+
+
+def read_labels_table(path: str | Path, opts: Options) -> pd.DataFrame:
+    """The table of the table layout with stripped column names and labels, checked: path and label
+    columns, no empty label, only `folder.labels` (when given)."""
+    table = read_table(path, sep=None)
+    table.columns = [c.strip() for c in table.columns]
+    require_columns(table, ["path", "label"], opts.csv or path)
+    table["label"] = table["label"].str.strip()
+    empty = table["label"] == ""
+    if empty.any():
+        raise AnnotationError(f"{opts.csv or path}: column 'label' is empty in rows {table.index[empty][:5].tolist()}")
+    if opts.labels is not None:
+        check_labels(table["label"], opts.labels, opts.csv or path, "label")
+    return table
+
+
+def _folder_label(rel: str, opts: Options) -> str:
+    """The label of a recording in the folder layout: the first folder below root."""
+    if "/" not in rel:
+        raise AnnotationError(f"{opts.root}: {rel} is not inside a label folder; put each recording "
+                              "under root/<label>/ or give a csv")
+    label = rel.split("/", 1)[0]
+    if opts.labels is not None and label not in opts.labels:
+        raise AnnotationError(f"{opts.root}/{label}: folder {label!r} is not a known label "
+                              f"(folder.labels = {list(opts.labels)}); file {rel}")
+    return label
+
+
+def _check_paths(opts: Options, key: str) -> None:
+    if not opts.root:
+        raise ValueError(f"{key}.root: set it to the folder that holds your recordings")
+    if not Path(opts.root).expanduser().is_dir():
+        raise FileNotFoundError(f"{key}.root: {opts.root} is not a folder (does it exist?); set it to the folder "
+                                "that holds your recordings")
+    if opts.csv and not Path(opts.csv).expanduser().is_file():
+        raise FileNotFoundError(f"{key}.csv: {opts.csv} does not exist; set it to your table path,label[,...] "
+                                "or to null for one sub-folder per label")
+
+
+def known_labels(opts: Options, key: str = "datasets.<name>.folder") -> tuple[str, ...]:
+    """The labels the manifest will hold, from the table or the folder names alone (no audio is
+    read); the checks the manifest stage makes of them (label folders, `folder.labels`, empty
+    labels) fail here, before anything is computed. `key` names the config block in errors."""
+    _check_paths(opts, key)
+    if opts.csv:
+        return tuple(sorted(set(read_labels_table(opts.csv, opts)["label"])))
+    labels = set()
+    for _, rel in recordings(opts.root, opts, warn=False):
+        if not _undecodable(rel):  # such a file is rejected alone by the manifest
+            labels.add(_folder_label(rel, opts))
+    return tuple(sorted(labels))
+
+
+def listing(opts: Options) -> list[tuple]:
+    """What the manifest is made from, cheaply (no audio read): the table's bytes and the size and
+    modification time of each file it names, or of each recording in the folder layout. Adding,
+    removing, moving (relabelling) or replacing a recording, or editing the table, changes it."""
+    if not opts.root or not Path(opts.root).expanduser().is_dir():
+        return [("root", str(opts.root), "missing")]
+    root = Path(opts.root).expanduser()
+    if not opts.csv:
+        return [file_entry(p, rel) for p, rel in recordings(root, opts, warn=False)]
+    entries = [content_entry(opts.csv, "table")]
+    try:
+        paths = read_table(opts.csv, sep=None).rename(columns=str.strip)["path"]
+    except Exception:  # an unreadable table: its bytes are listed, and the manifest names the fault
+        return entries
+    return entries + [file_entry(root / rel.strip(), rel.strip()) for rel in paths]
 
 
 def _from_pattern(rel: str, rx: re.Pattern | None, source: str) -> dict:
@@ -136,16 +219,7 @@ def build_manifest(raw_dir: Path, dataset: str, opts: Options) -> tuple[pd.DataF
     rx = re.compile(opts.pattern) if opts.pattern else None
     rows, rejections = [], []
     if (raw_dir / "labels.csv").is_file():
-        table_path = raw_dir / "labels.csv"
-        table = read_table(table_path, sep=None)
-        table.columns = [c.strip() for c in table.columns]
-        require_columns(table, ["path", "label"], opts.csv or table_path)
-        table["label"] = table["label"].str.strip()
-        empty = table["label"] == ""
-        if empty.any():
-            raise AnnotationError(f"{opts.csv}: column 'label' is empty in rows {table.index[empty][:5].tolist()}")
-        if opts.labels is not None:
-            check_labels(table["label"], opts.labels, opts.csv, "label")
+        table = read_labels_table(raw_dir / "labels.csv", opts)
         for i, rec in enumerate(table.to_dict("records")):
             rel = rec.pop("path").strip()
             path = Path(rel) if Path(rel).is_absolute() else data / rel
@@ -162,28 +236,16 @@ def build_manifest(raw_dir: Path, dataset: str, opts: Options) -> tuple[pd.DataF
     else:
         if not data.is_dir():
             raise FileNotFoundError(f"{data}: the recordings folder is missing; did the raw stage run?")
-        for d, _, files in walk(data, max_depth=32):
-            for name in files:
-                p = d / name
-                if p.suffix.lower().lstrip(".") not in opts.extensions:
-                    continue
-                rel = p.relative_to(data).as_posix()
-                if _undecodable(rel):
-                    rejections.append(rejection(_clip_id(_printable(rel)), _printable(str(p)),
-                                                "the file name is not UTF-8 text; rename the file"))
-                    continue
-                if "/" not in rel:
-                    raise AnnotationError(f"{opts.root}: {name} is not inside a label folder; put each recording "
-                                          "under root/<label>/ or give a csv")
-                label = rel.split("/", 1)[0]
-                if opts.labels is not None and label not in opts.labels:
-                    raise AnnotationError(f"{opts.root}/{label}: folder {label!r} is not a known label "
-                                          f"(folder.labels = {list(opts.labels)}); file {rel}")
-                row = {"clip_id": _clip_id(rel), "dataset": dataset, "path": str(p), "split": "all",
-                       "label": label, "speaker": np.nan, "pair_key": np.nan, "text": np.nan, "start": np.nan,
-                       "end": np.nan, "duration": np.nan}
-                row.update(_from_pattern(rel, rx, str(opts.root)))
-                rows.append(row)
+        for p, rel in recordings(data, opts):
+            if _undecodable(rel):
+                rejections.append(rejection(_clip_id(_printable(rel)), _printable(str(p)),
+                                            "the file name is not UTF-8 text; rename the file"))
+                continue
+            row = {"clip_id": _clip_id(rel), "dataset": dataset, "path": str(p), "split": "all",
+                   "label": _folder_label(rel, opts), "speaker": np.nan, "pair_key": np.nan, "text": np.nan,
+                   "start": np.nan, "end": np.nan, "duration": np.nan}
+            row.update(_from_pattern(rel, rx, str(opts.root)))
+            rows.append(row)
         rows, links = _once_per_file(rows)
         rejections += links
     if not rows and not rejections:

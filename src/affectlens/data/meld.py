@@ -86,6 +86,11 @@ class Options:
             raise ValueError(f"meld.label: {self.label!r} must be 'emotion' or 'sentiment'")
 
 
+def known_labels(opts: Options, key: str = "") -> tuple[str, ...]:
+    """The labels of the manifest (its `label` column): MELD's emotions or sentiments (`meld.label`)."""
+    return EMOTIONS if opts.label == "emotion" else SENTIMENTS
+
+
 def fetch(raw_dir: Path, opts: Options, cache: Path) -> None:
     """Download (or take) the raw tarball and extract clips and tables into `raw_dir`."""
     raw_dir.mkdir(parents=True, exist_ok=True)

@@ -37,6 +37,11 @@ def va_label(valence: float, arousal: float, midpoint: float, kind: str) -> str:
     raise ValueError(f"label {kind!r} is not one of {LABELS}")
 
 
+def label_names(kind: str) -> tuple[str, ...]:
+    """Every label `va_label` gives for this kind of label."""
+    return tuple(sorted({va_label(v, a, 0.5, kind) for v in (0.0, 1.0) for a in (0.0, 1.0)}))
+
+
 def segments(song_rows: pd.DataFrame, dynamic: dict[str, pd.DataFrame], segment_s: float,
              dynamic_midpoint: float, kind: str) -> tuple[list[dict], list[str]]:
     """Cut song-level rows into windows labelled by their dynamic annotation.

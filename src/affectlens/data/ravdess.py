@@ -107,6 +107,11 @@ def zenodo_file(api_url: str, record: str, name: str, cache: Path) -> tuple[str,
                         f"(files: {[f.get('key') or f.get('filename') for f in files]})")
 
 
+def known_labels(opts: Options, key: str = "") -> tuple[str, ...]:
+    """The labels of the manifest (its `label` column): the configured emotion words."""
+    return tuple(opts.emotions)
+
+
 def fetch(raw_dir: Path, opts: Options, cache: Path) -> None:
     raw_dir.mkdir(parents=True, exist_ok=True)
     if opts.root:

