@@ -141,3 +141,11 @@ def test_every_rule_with_a_script_names_an_existing_env():
         env = (REPO / "workflow/rules" / literal["path"]).resolve()
         assert env in ENVS, f"{smk}: rule {rule} names {literal['path']}, not a file of envs/"
         parse_env(env)
+
+
+def test_every_env_is_named_by_a_rule():
+    named = {(REPO / "workflow/rules" / m["path"]).resolve()
+             for directives in RULES.values() if "conda" in directives
+             for m in [re.match(r"""\s*(["'])(?P<path>[^"']+)\1""", directives["conda"])] if m}
+    unused = [e.name for e in ENVS if e.resolve() not in named]
+    assert not unused, f"envs/ files no rule names (dead; delete them or name them in a rule): {unused}"

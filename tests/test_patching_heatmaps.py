@@ -23,7 +23,8 @@ def test_heatmaps_exact_and_attribution_side_by_side(tmp_path):
     assert methods_of(summary) == ["exact", "attribution"]
 
     out = tmp_path / "results/heatmaps"
-    stages.patch.heatmaps({"smoke": [str(folder / "summary.tsv")]}, out)
+    stages.patch.heatmaps({"smoke": [{"dataset": "demo", "model": "planted", "contrast": "sad-to-happy",
+                                      "summary": str(folder / "summary.tsv")}]}, out)
     for stem in ("demo__planted__sad-to-happy", "demo__planted__sad-to-happy__attribution"):
         assert (out / "smoke" / f"{stem}.png").stat().st_size > 0
         tsv = pd.read_csv(out / "smoke" / f"{stem}.tsv", sep="\t")

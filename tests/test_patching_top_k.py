@@ -118,7 +118,8 @@ def test_top_k_stage_writes_the_screened_cells_and_blank_heatmap_cells(stage_set
     assert grid.shape == heatmap_grid(summary, "denoising", "attribution").shape  # the whole grid ...
     assert np.isnan(grid.to_numpy()).any() and np.isfinite(grid.to_numpy()).any()  # ... blank where not run
     heatmaps = work / "top_2" / "results/heatmaps"
-    stages.patch.heatmaps({"s": [str(out / "summary.tsv")]}, heatmaps)
+    stages.patch.heatmaps({"s": [{"dataset": "synth", "model": "tiny", "contrast": "sad-to-happy",
+                                  "summary": str(out / "summary.tsv")}]}, heatmaps)
     assert (heatmaps / "s" / "synth__tiny__sad-to-happy.png").stat().st_size > 0
 
 

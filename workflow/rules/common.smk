@@ -49,12 +49,20 @@ def study_combos():
 
 
 def patch_summaries():
-    """{study: [summary.tsv, ...]} for every study x dataset x model x contrast."""
+    """{study: [{dataset, model, contrast, summary: path}, ...]} for every study x dataset x
+    model x contrast: the one place the patch summary's path is made (heatmaps reads the parts).
+    """
     out = {}
     for study, dataset, model in study_combos():
         for c in config["studies"][study]["contrasts"]:
+            contrast = contrast_name(c)
             out.setdefault(study, []).append(
-                f"results/patch/{dataset}/{model}/{contrast_name(c)}/summary.tsv"
+                {
+                    "dataset": dataset,
+                    "model": model,
+                    "contrast": contrast,
+                    "summary": f"results/patch/{dataset}/{model}/{contrast}/summary.tsv",
+                }
             )
     return out
 

@@ -30,7 +30,7 @@ rule patch:
 
 rule heatmaps:
     input:
-        [p for paths in patch_summaries().values() for p in paths],
+        [item["summary"] for items in patch_summaries().values() for item in items],
     output:
         report(
             directory("results/heatmaps"),

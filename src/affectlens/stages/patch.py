@@ -94,18 +94,19 @@ def patch(store_path, manifest_path, model_cfg: ModelConfig | dict, contrast: di
         write_tsv(agree, out_agreement)
 
 
-def heatmaps(summaries: dict[str, list[str]], out_dir) -> None:
+def heatmaps(summaries: dict[str, list[dict]], out_dir) -> None:
     """Render every patch summary of every study into out_dir/{study}/ (a PNG and the TSV of its
-    numbers per method: exact, and attribution beside it where it was run) with an index page."""
+    numbers per method: exact, and attribution beside it where it was run) with an index page.
+    `summaries`: {study: [{"dataset", "model", "contrast", "summary": path}, ...]} (the workflow's
+    `patch_summaries`, which also names the paths)."""
     from affectlens.patching.corruptions import corruption_heading
     from affectlens.viz.heatmap import color_limit, methods_of, plot_patch_heatmap, write_index
 
     out_dir = Path(out_dir)
     entries = []
-    for study, paths in summaries.items():
-        for p in paths:
-            # results/patch/{dataset}/{model}/{contrast}/summary.tsv
-            dataset, model, contrast = Path(p).parts[-4:-1]
+    for study, items in summaries.items():
+        for item in items:
+            dataset, model, contrast, p = item["dataset"], item["model"], item["contrast"], item["summary"]
             name = f"{dataset}__{model}__{contrast}"
             summary = pd.read_csv(p, sep="\t")
             how = corruption_heading(summary)
