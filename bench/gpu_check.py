@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from bench_extract import load_wave  # noqa: F401  (bench/ is on the path: this file runs as a script)
 
 ROOT = Path(__file__).resolve().parents[1]
 RAVDESS = ROOT.parent / "shared" / "data" / "ravdess"
@@ -62,9 +63,9 @@ def demo_corpus(out: Path, sentences: int = 0) -> pd.DataFrame:
                              sentences=DEFAULT_SENTENCES[:sentences or cfg["n_sentences"]], progress=False)
 
 
-def ravdess_corpus(folder: Path, actors: int) -> pd.DataFrame:
-    """A RAVDESS slice: the first `actors` actors, every emotion, both statements, repetition 1,
-    normal intensity (16 clips per actor)."""
+def ravdess_corpus(folder: Path, actors: int, repetitions=("01",), intensities=("01",)) -> pd.DataFrame:
+    """A RAVDESS slice: the first `actors` actors, every emotion, both statements, the given
+    repetitions and intensities (default repetition 1, normal intensity: 16 clips per actor)."""
     from affectlens.data.ravdess import EMOTIONS, NAME
 
     rows = []
@@ -73,11 +74,11 @@ def ravdess_corpus(folder: Path, actors: int) -> pd.DataFrame:
         if not m:
             continue
         _, _, emotion, intensity, statement, repetition, actor = m.groups()
-        if int(actor) <= actors and repetition == "01" and intensity == "01":
+        if int(actor) <= actors and repetition in repetitions and intensity in intensities:
             rows.append({"clip_id": f.stem, "path": str(f), "label": EMOTIONS[emotion], "speaker": f"actor{actor}",
                          "pair_key": f"actor{actor}_st{statement}"})
     if not rows:
-        raise FileNotFoundError(f"{folder}: no RAVDESS clips (03-01-EE-II-SS-RR-AA.flac); pass --ravdess DIR")
+        raise FileNotFoundError(f"{folder}: no RAVDESS clips (03-01-EE-II-SS-RR-AA.flac); pass the RAVDESS folder")
     return pd.DataFrame(rows)
 
 
@@ -91,15 +92,6 @@ def corpus(case: str, args, scratch: Path) -> pd.DataFrame:
     if args.clips:  # spread over speakers and labels
         m = m.iloc[np.linspace(0, len(m) - 1, min(args.clips, len(m))).round().astype(int)]
     return m.reset_index(drop=True)[["clip_id", "path", "label", "speaker", "pair_key"]]
-
-
-def load_wave(path: str) -> np.ndarray:
-    import soundfile as sf
-
-    wave, sr = sf.read(path, dtype="float32", always_2d=True)
-    if sr != 16000:
-        raise ValueError(f"{path}: {sr} Hz; the check reads 16 kHz files")
-    return wave.mean(1)
 
 
 # --- models --------------------------------------------------------------------------------------
@@ -200,7 +192,8 @@ def tiled_throughput(adapter, manifest, waves, tile: int, batch: int, out: Path,
 
 
 def agreement(store_path: Path, ref_path: Path) -> list[dict]:
-    """Per site: cosine of each real frame with the reference's (mean, worst), relative error."""
+    """Per site: cosine of each real frame with the reference's (mean, 1st percentile, worst),
+    relative error ||a - b|| / ||b||."""
     from affectlens.store import Store
 
     rows = []
@@ -209,7 +202,8 @@ def agreement(store_path: Path, ref_path: Path) -> list[dict]:
             a = s.h5[f"sites/{site}/frames"][:].astype(np.float64)
             b = r.h5[f"sites/{site}/frames"][:].astype(np.float64)
             cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
-            rows.append({"site": site, "frames": len(a), "cosine_mean": cos.mean(), "cosine_min": cos.min(),
+            rows.append({"site": site, "frames": len(a), "cosine_mean": cos.mean(),
+                         "cosine_p1": np.percentile(cos, 1), "cosine_min": cos.min(),
                          "rel_error": np.linalg.norm(a - b) / np.linalg.norm(b)})
     return rows
 
@@ -221,7 +215,7 @@ def probes(store_path: Path, manifest: pd.DataFrame, seed: int) -> tuple[pd.Data
     df = probe_sweep(store_path, manifest, n_splits=4, seed=seed, control=False, n_boot=200)
     seconds = time.perf_counter() - t0
     df = df[(df["probe"] == "label") & df["metric"].isin(["macro_f1", "accuracy"])]
-    return df[["site", "metric", "value"]].reset_index(drop=True), seconds
+    return df[["site", "metric", "value", "ci_low", "ci_high"]].reset_index(drop=True), seconds
 
 
 def patch_pairs(manifest: pd.DataFrame, n_pairs: int) -> list[tuple[int, int]]:
