@@ -429,6 +429,55 @@ def concept_command(args) -> str:
     return "\n".join(lines)
 
 
+def _add_sae_args(p: argparse.ArgumentParser) -> None:
+    from affectlens.sae.formats import FORMATS
+
+    other = [f for f in FORMATS if f != "affectlens"]
+    sub = p.add_subparsers(dest="action", required=True)
+    e = sub.add_parser("export", help="write a trained SAE in another library's format (saelens: its cfg.json + "
+                                      "sae_weights.safetensors, loadable by sae_lens.SAE.load_from_disk)")
+    e.add_argument("sae_dir", metavar="DIR", help="folder of a trained SAE (cfg.json + sae.safetensors), e.g. "
+                                                  "results/sae/ravdess/whisper-tiny-en/encoder.blocks.2.resid_post")
+    e.add_argument("--format", required=True, choices=other)
+    e.add_argument("--out", required=True, help="folder to write (not DIR: both formats name their config cfg.json)")
+    e.add_argument("--site", help="the site the SAE reads; default: `site` in DIR/metrics.json, else DIR's name")
+    e.add_argument("--model-name", help="the model's name for the metadata; default: the workflow's model name "
+                                        "when DIR is results/sae/{dataset}/{model}/{site}")
+    i = sub.add_parser("import", help="read an SAE saved in another library's format into a folder of ours (for "
+                                      "`affectlens concept --sae`)")
+    i.add_argument("src", metavar="DIR", help="folder of the SAE (saelens: cfg.json + sae_weights.safetensors)")
+    i.add_argument("--format", required=True, choices=other)
+    i.add_argument("--out", required=True, help="folder to write (cfg.json + sae.safetensors)")
+    i.add_argument("--tower", help="tower of a hook_name that names none (blocks.3.hook_resid_post), e.g. encoder")
+
+
+def sae_command(args) -> str:
+    """`affectlens sae export|import`: one SAE folder written in the other format."""
+    from pathlib import Path
+
+    from affectlens.sae.formats import export, load, save
+    from affectlens.sae.registry import architecture_of
+    from affectlens.sae.saelens import saelens_site
+
+    if args.action == "export":
+        if not Path(args.sae_dir).is_dir():
+            raise FileNotFoundError(f"{args.sae_dir}: no such folder; give a trained SAE's folder (the workflow's "
+                                    "results/sae/{dataset}/{model}/{site})")
+        out = export(args.sae_dir, args.out, args.format, site=args.site, model_name=args.model_name)
+        cfg = json.loads((out / "cfg.json").read_text())
+        return (f"wrote {out}/ ({args.format}: {cfg['architecture']}, d_in {cfg['d_in']}, d_sae {cfg['d_sae']}, "
+                f"hook_name {cfg['metadata']['hook_name']}, input normalisation folded into the weights)")
+    if Path(args.out).resolve() == Path(args.src).resolve():
+        raise ValueError(f"--out {args.out}: the import would overwrite the SAE it reads; give another folder")
+    sae = load(args.src, args.format)
+    save(sae, args.out)
+    try:
+        where = f"it reads the site {saelens_site(args.src, args.tower)}"
+    except ValueError as e:  # the SAE is still usable; the user gives the site (concept --site)
+        where = f"no affectlens site: {e}"
+    return f"wrote {args.out}/ ({architecture_of(sae)}, d_in {sae.cfg.d_in}, {sae.cfg.n_latents} latents; {where})"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="affectlens", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -449,6 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("concept", help="find a concept among a trained SAE's features from two folders of "
                                        "recordings (with it, without it)")
     _add_concept_args(p)
+    p = sub.add_parser("sae", help="export a trained SAE to SAELens's format, or import one from it")
+    _add_sae_args(p)
     p = sub.add_parser("ui", help="browse a finished results folder in a local web page (needs the `ui` extra)")
     p.add_argument("results", help="the workflow's results/ folder")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only)")
@@ -476,6 +527,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "concept":
             check_concept_args(args)
             print(concept_command(args))
+        elif args.command == "sae":
+            print(sae_command(args))
         elif args.command == "ui":
             from affectlens.ui import app as ui_app
 
