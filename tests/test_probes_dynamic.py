@@ -287,13 +287,13 @@ def test_workflow_probe_dynamic_on_a_tiny_pmemo(tmp_path):
                   if len(line.split()) == 2 and line.split()[1].isdigit())
     assert counts["probe_dynamic"] == "1" and counts["dynamic_ratings"] == "1"  # `all` asks for PMEmo's only
     assert counts["probe"] == "2"
-    run = snakemake(tmp_path, "results/probe/pm/tiny/dynamic.tsv")
+    run = snakemake(tmp_path, "results/probe_dynamic/pm/tiny/sweep.tsv")
     assert run.returncode == 0, run.stderr[-4000:]
 
-    ratings = pd.read_csv(tmp_path / "results/manifest/pm.dynamic.tsv", sep="\t", dtype={"clip_id": str, "song": str})
+    ratings = pd.read_csv(tmp_path / "results/dynamic_ratings/pm.tsv", sep="\t", dtype={"clip_id": str, "song": str})
     assert len(ratings) == 6 * 6 and set(ratings["scale"]) == {"[0, 1]"}
     assert ratings[ratings["clip_id"] == "pmemo_1"]["time_s"].tolist() == [15.0, 15.5, 16.0, 16.5, 17.0, 17.5]
-    table = pd.read_csv(tmp_path / "results/probe/pm/tiny/dynamic.tsv", sep="\t")
+    table = pd.read_csv(tmp_path / "results/probe_dynamic/pm/tiny/sweep.tsv", sep="\t")
     sites = {"acoustic.frame_stats", "encoder.embed", "encoder.blocks.0.resid_post", "encoder.blocks.1.resid_post"}
     assert set(table["site"]) == sites and len(table) == len(sites) * 2 * 3
     assert (table["n_bins"] == 36).all() and (table["n_songs"] == 6).all() and (table["n_folds"] == 2).all()
@@ -306,9 +306,9 @@ def test_workflow_probe_dynamic_on_a_tiny_pmemo(tmp_path):
     assert v.loc[("acoustic.frame_stats", "arousal", "r2"), "p_value"] == pytest.approx(0.05)
     assert v.loc[("acoustic.frame_stats", "valence", "r2"), "value"] < 0.0  # valence is not in the audio
     assert (table["ci_high"] <= 1.0).all()
-    predictions = pd.read_csv(tmp_path / "results/probe/pm/tiny/dynamic_predictions.tsv", sep="\t")
+    predictions = pd.read_csv(tmp_path / "results/probe_dynamic/pm/tiny/predictions.tsv", sep="\t")
     assert len(predictions) == 36 * len(sites) and predictions["predicted_arousal"].notna().all()
-    assert (tmp_path / "results/probe/pm/tiny/dynamic.png").stat().st_size > 10000
+    assert (tmp_path / "results/probe_dynamic/pm/tiny/dynamic.png").stat().st_size > 10000
 
 
 def test_dynamic_ratings_of_a_source_without_them_is_an_error_naming_the_dataset(tmp_path):

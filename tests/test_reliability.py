@@ -13,8 +13,8 @@ faults) in one table, each with the outcome it must have, checked here:
 Each kind runs in a fresh folder through the same functions the workflow calls (stages.data.*,
 `check_config` with `data.sources.known_labels`, `cli.main`, `stages.logged`), reusing the helpers
 of the focused test files; `covered` names the test that checks the kind in depth.
-`python tests/test_reliability.py` prints the table and the tally the README's Reliability section
-quotes (a test keeps the two equal).
+`python tests/test_reliability.py` prints the table and the tally the docs' Reliability page
+(docs/reliability.md) quotes (a test keeps the two equal).
 """
 
 from __future__ import annotations
@@ -567,11 +567,9 @@ def test_there_are_at_least_30_kinds_over_every_area_and_outcome():
     assert {k.expected for k in KINDS} == set(OUTCOMES)
 
 
-def test_the_readme_quotes_this_tally():
-    readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("## Reliability"):]
-    section = section[: section.index("\n## ", 1)]
-    assert summary() in section, summary()
+def test_the_docs_quote_this_tally():
+    page = (REPO / "docs" / "reliability.md").read_text()
+    assert summary() in page, summary()
 
 
 def test_print_the_table():

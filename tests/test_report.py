@@ -57,7 +57,7 @@ def test_report_has_every_figure_with_its_caption(work, html_report):
         "results/probe/demo/tiny/layer_curve.png": "Probe scores per site",
         "results/sae/demo/tiny/encoder.blocks.0.resid_post/dashboard.html": "Feature dashboard of the sparse autoencoder",
         "results/steer/demo/tiny/sad-to-happy/dose_response.png": "Steering dose response",
-        "results/report/steer/demo/tiny/sad-to-happy.html": "Listening page of one steering run",
+        "results/steer_listen/demo/tiny/sad-to-happy.html": "Listening page of one steering run",
         "results/benchmarks/summary.tsv": "Resources of the heavy jobs",
     }
     for path, caption in expected.items():
@@ -83,7 +83,7 @@ def test_report_categories_by_stage_and_study(html_report):
 
 def test_steered_audio_is_playable_in_the_report(work, html_report):
     results = {Path(p).as_posix(): r for p, r in report_results(html_report).items()}
-    page = decoded(results["results/report/steer/demo/tiny/sad-to-happy.html"]["data_uri"]).decode()
+    page = decoded(results["results/steer_listen/demo/tiny/sad-to-happy.html"]["data_uri"]).decode()
     players = re.findall(r'<audio controls preload="none" src="data:(audio/[a-z]+);base64,([A-Za-z0-9+/=]+)"', page)
     ev = pd.read_csv(work / "results/steer/demo/tiny/sad-to-happy/evaluation.tsv", sep="\t")
     # per clip: the original, alpha 0 once (one file shared by every method and control), and each

@@ -11,7 +11,7 @@ from affectlens.models.sites import SiteError
 from affectlens.models.config import ModelConfig, SettingsError, readout_site
 from affectlens import settings
 from affectlens.settings import (ConceptConfig, PatchConfig, ProbeConfig, ProbeDynamicConfig, SaeConfig, SteerConfig,
-                                 TimeResolvedConfig, TraceConfig)
+                                 TimeResolvedConfig, TraceConfig, TransferConfig)
 
 SCHEMA = yaml.safe_load((Path(__file__).resolve().parents[1] / "workflow/schemas/config.schema.yaml").read_text())
 
@@ -33,7 +33,9 @@ SECTIONS = SCHEMA["properties"]
     (PatchConfig, SECTIONS["patch"]["properties"]),
     (TraceConfig, SECTIONS["trace"]["properties"]),
     (ConceptConfig, SECTIONS["concepts"]["additionalProperties"]["properties"]),
-], ids=["steer", "model", "probe", "probe.time_resolved", "probe_dynamic", "sae", "patch", "trace", "concept"])
+    (TransferConfig, SECTIONS["transfer"]["properties"]),
+], ids=["steer", "model", "probe", "probe.time_resolved", "probe_dynamic", "sae", "patch", "trace", "concept",
+        "transfer"])
 def test_schema_and_dataclass_agree(cls, block):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     assert set(block) == set(fields)

@@ -226,3 +226,39 @@ def test_paired_differences_against_controls_have_t_intervals():
     assert table.loc["best_control", "best_control"] == "mel_shift"
     assert table.loc["best_control", "difference"] == pytest.approx(-0.1)
     assert not table.loc["best_control", "beats"]  # a control that beats the method is reported as such
+
+
+def test_judging_a_clips_outputs_together_gives_each_its_own_numbers(planted):
+    """judge_many (batched probe forwards, acoustic measures over 2 processes) scores each output
+    exactly as judging it alone would: no padding, order or worker leaks between outputs."""
+    from affectlens.probes.linear import LinearProbe
+    from affectlens.steering.judge import AcousticJudge
+    from affectlens.steering.oneclip import pooled_frames
+
+    adapter, waves, _ = planted
+    site = "encoder.blocks.1.resid_post"
+    labels = np.array(["sad", "happy"] * 8)
+    short = [w[: int(len(w) * (0.5 + 0.5 * (i % 2)))] for i, w in enumerate(waves[:5])]  # unequal lengths
+    probe = LinearProbe().fit(pooled_frames(adapter, waves, site), labels)
+    acoustic = AcousticJudge().fit(waves, labels)
+    judges = ex.Judges("happy", adapter, site, probe, acoustic, [], -26.0, SR, n_jobs=2)
+    together = judges.judge_many(short, waves[0], "", batch_size=3)
+    for w, (numbers, transcript) in zip(short, together):
+        alone, _ = ex.Judges("happy", adapter, site, probe, acoustic, [], -26.0, SR).judge(w, waves[0], "")
+        assert numbers.keys() == alone.keys() and transcript == ""
+        for k in alone:
+            np.testing.assert_allclose(numbers[k], alone[k], rtol=1e-5, atol=1e-6, equal_nan=True, err_msg=k)
+    assert len({round(n["p_target_model_probe"], 6) for n, _ in together}) > 1  # the outputs differ
+
+
+def test_batched_transcripts_equal_one_at_a_time(tmp_path):
+    """transcribe_many batches only waves of one length, so each transcript is the one the wave gets
+    alone (Whisper's token limit follows a batch's longest clip)."""
+    from test_workflow import tiny_whisper
+
+    from affectlens.models import build_adapter
+    from affectlens.steering.text import transcribe, transcribe_many
+
+    asr = build_adapter({"family": "whisper", "source": str(tiny_whisper(tmp_path / "w")), "sites": ["encoder.embed"]})
+    waves = [0.1 * np.random.default_rng(k).standard_normal(SR * (1 + k % 2)).astype(np.float32) for k in range(5)]
+    assert transcribe_many(asr, waves, batch_size=2) == [transcribe(asr, w) for w in waves]

@@ -40,4 +40,5 @@ def test_study_file_plans_extraction_and_probes(study, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = {p[0]: int(p[1]) for p in (line.split() for line in result.stdout.splitlines())
             if len(p) == 2 and p[1].isdigit()}
-    assert jobs.get("extract", 0) >= 1 and jobs.get("probe", 0) >= 1 and jobs.get("manifest") == 1, jobs
+    datasets = yaml.safe_load(study.read_text())["datasets"]
+    assert jobs.get("extract", 0) >= 1 and jobs.get("probe", 0) >= 1 and jobs.get("manifest") == len(datasets), jobs

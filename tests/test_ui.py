@@ -36,7 +36,7 @@ def results(tmp_path) -> Path:
     only steering (no study), an uneven α grid, and files the index must ignore."""
     r = tmp_path / "results"
     for rel in ["probe/demo/tiny/sweep.tsv", "probe/demo/tiny/confusion.png", "probe/demo/tiny/layer_curve.png",
-                "probe/demo/tiny/extra.png", "probe/demo/acoustic_features.tsv",
+                "probe/demo/tiny/extra.png", "acoustic_features/demo.tsv", "probe_dynamic/demo/tiny/dynamic.png",
                 "patch/demo/tiny/sad-to-happy/summary.tsv",
                 "heatmaps/smoke/demo__tiny__sad-to-happy.png", "heatmaps/smoke/demo__tiny__sad-to-happy.tsv",
                 "heatmaps/smoke/demo__tiny__sad-to-happy__attribution.png", "heatmaps/smoke/notes.png",
@@ -64,7 +64,7 @@ def test_index_reads_studies_runs_figures_and_alpha_grid(results):
     run = idx["runs"]["demo/tiny"]
     assert run["probe"]["sweep"] == "probe/demo/tiny/sweep.tsv"
     # the layer curve first, known figures in their order, unknown ones after
-    assert [f["name"] for f in run["probe"]["figures"]] == ["layer_curve", "confusion", "extra"]
+    assert [f["name"] for f in run["probe"]["figures"]] == ["layer_curve", "confusion", "dynamic", "extra"]
     assert [(h["method"], h["png"], h["tsv"]) for h in run["heatmaps"]] == [
         ("exact", "heatmaps/smoke/demo__tiny__sad-to-happy.png", "heatmaps/smoke/demo__tiny__sad-to-happy.tsv"),
         ("attribution", "heatmaps/smoke/demo__tiny__sad-to-happy__attribution.png", None)]
@@ -243,7 +243,7 @@ def test_page_in_a_headless_browser(page, tmp_path):
         "heatmap images to load")
     shown = {src.rsplit("/", 1)[-1] for src, _ in heatmaps}
     assert shown == {p.name for p in (results / "heatmaps/smoke").glob("*.png")}
-    assert shown >= {"demo__tiny__sad-to-happy.png"}
+    assert shown >= {"demo__tiny__sad-to-happy.png", "demo__tiny__sad-to-happy__heads.png"}  # head-level maps too
     assert all(w > 100 for _, w in heatmaps)
     probes = _wait(browser, lambda b: b.execute_script(
         "const i = [...document.querySelectorAll('img.probe')];"

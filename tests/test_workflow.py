@@ -37,7 +37,9 @@ def tiny_whisper(folder: Path) -> Path:
 
 TINY = {
     "datasets": {"demo": {"source": "demo", "demo": {"speakers": ["en-us+m3", "en-us+f2"], "n_sentences": 2}}},
-    "models": {"tiny": {"family": "whisper", "source": None, "sites": ["encoder.embed", "encoder.blocks.*.resid_post"],
+    "models": {"tiny": {"family": "whisper", "source": None,
+                        # attn_heads: head-level patching (patch.heads: windows, the default) and its heatmaps
+                        "sites": ["encoder.embed", "encoder.blocks.*.resid_post", "encoder.blocks.*.attn_heads"],
                         "sae_sites": ["encoder.blocks.0.resid_post"], "steer_site": "encoder.blocks.0.resid_post",
                         "batch_size": 4},
                # a second model whose probe judges the steering (extracted only for that)
@@ -72,7 +74,9 @@ def test_store_holds_every_site_with_real_frames_only(run):
     with h5py.File(work / "results/extract/demo/tiny.h5") as f:
         assert f.attrs["complete"] and f.attrs["family"] == "whisper" and len(f.attrs["revision"]) == 12
         sites = json.loads(f.attrs["sites"])
-        assert sites == ["encoder.embed", "encoder.blocks.0.resid_post", "encoder.blocks.1.resid_post"]
+        assert sites == ["encoder.embed", "encoder.blocks.0.attn_heads", "encoder.blocks.0.resid_post",
+                         "encoder.blocks.1.attn_heads", "encoder.blocks.1.resid_post"]
+        assert dict(f["sites/encoder.blocks.1.attn_heads"].attrs) == {"n_heads": 2, "d_head": 16}
         assert [s.decode() for s in f["clip_ids"][:]] == manifest.clip_id.tolist()
         expected_frames = np.ceil(manifest.duration.to_numpy() * 16000 / 320).astype(int)
         np.testing.assert_array_equal(f["n_frames"][:], expected_frames)
@@ -86,7 +90,7 @@ def test_probe_table(run):
     sweep = pd.read_csv(work / "results/probe/demo/tiny/sweep.tsv", sep="\t")
     assert {"site", "depth", "metric", "value", "chance", "p_value"} <= set(sweep.columns)
     acc = sweep[(sweep.metric == "accuracy") & (sweep.probe == "label") & (sweep.depth >= 0)]
-    assert len(acc) == 3 and acc.value.between(0, 1).all()
+    assert len(acc) == 5 and acc.value.between(0, 1).all()  # embed, and each block's resid_post and attn_heads
     baseline = sweep[(sweep.site == "acoustic.mfcc_stats") & (sweep.metric == "accuracy")]
     assert set(baseline.probe) == {"label", "sad_vs_happy"}  # the acoustic baseline, and the study's contrast
     assert acc.p_value.min() >= 1 / 10  # resolution 1/(n_perm + 1), never 0
@@ -114,6 +118,27 @@ def test_heatmap_has_one_value_per_block_and_window(run):
         assert grid.shape[0] == 3 and grid.shape[1] >= 2
     assert (work / "results/heatmaps/smoke/demo__tiny__sad-to-happy.png").stat().st_size > 0
     assert "demo__tiny__sad-to-happy.png" in (work / "results/heatmaps/index.html").read_text()
+
+
+def test_head_level_heatmaps_have_one_value_per_block_head_and_window(run):
+    """The stored attn_heads sites are patched head by head (not as whole sites): a block × head
+    map and a head × time window map, exact and attribution, beside the site map."""
+    work, _ = run
+    folder = work / "results/patch/demo/tiny/sad-to-happy"
+    assert not pd.read_csv(folder / "summary.tsv", sep="\t").site.str.endswith("attn_heads").any()
+    heads = pd.read_csv(folder / "heads_summary.tsv", sep="\t")
+    assert set(heads.method) == {"exact", "attribution"} and set(heads.n_pairs) == {2}
+    span = pd.read_csv(work / "results/heatmaps/smoke/demo__tiny__sad-to-happy__heads.tsv", sep="\t")
+    for direction in ("denoising", "noising"):
+        grid = span[span.direction == direction].pivot(index="site", columns="head", values="mean")
+        assert grid.shape == (2, 2) and grid.notna().all().all()
+    windows = pd.read_csv(work / "results/heatmaps/smoke/demo__tiny__sad-to-happy__head_windows.tsv", sep="\t")
+    assert not windows.duplicated(["direction", "site", "head", "frame_start"]).any()
+    assert windows.groupby(["direction", "site", "head"]).size().min() >= 2
+    page = (work / "results/heatmaps/index.html").read_text()
+    for kind in ("heads", "head_windows", "heads__attribution"):
+        assert (work / f"results/heatmaps/smoke/demo__tiny__sad-to-happy__{kind}.png").stat().st_size > 0
+        assert f"demo__tiny__sad-to-happy__{kind}.png" in page
 
 
 def test_steered_wavs_and_evaluation(run):
@@ -171,7 +196,7 @@ def test_outcome_probes_run_in_the_default_target(run):
     """probe_outcomes is part of `all`: its table is never empty; with the tiny config's 2 patched
     pairs each patched site gets a `skipped` row saying how many clips flip and hold."""
     work, _ = run
-    table = pd.read_csv(work / "results/probe/demo/tiny/outcomes/sad-to-happy.tsv", sep="\t")
+    table = pd.read_csv(work / "results/probe_outcomes/demo/tiny/sad-to-happy.tsv", sep="\t")
     assert len(table) > 0 and set(table.metric) <= {"skipped"} | set(table.metric[table.metric != "skipped"])
     skipped = table[table.metric == "skipped"]
     probed = table[table.metric != "skipped"]

@@ -11,7 +11,9 @@ computing is checked here, so that a run never fails hours in on something the c
     its depth where the depth can be read without loading the model (`models.depth`);
   * the readout, steer and SAE sites are among the extracted sites; the steering hear site is a
     site the model has, at or after the steer site;
-  * steer.judge_models name models; the `sae` steering method has its SAE.
+  * steer.judge_models name models; the `sae` steering method has its SAE;
+  * a dataset's label_map renames labels it has (`check_label_maps`); which studies the transfer
+    stage runs for is `transfer_studies`.
 
 `canonical` puts the config's settings in one key order, so that reordering keys in a config file
 never looks like a change to Snakemake (rule params are compared by their repr). The order of named
@@ -70,14 +72,7 @@ def check_config(config: dict,
     """Raise ConfigError (or the source's own error) naming the key at fault. `known_labels(name,
     dataset_cfg)` gives a dataset's labels where they are known, else None (the workflow passes
     `data.sources.known_labels`); without it only the demo corpus's labels are checked."""
-    labels = {}
-    for ds, d in config["datasets"].items():
-        if d["source"] == "demo":
-            emotions = d.get("demo", {}).get("emotions")
-            labels[ds] = (tuple(emotions) if emotions and d.get("label_column", "label") == "label" else None,
-                          f"datasets.{ds}.demo.emotions")
-        elif known_labels is not None:
-            labels[ds] = (known_labels(ds, d), f"the labels of datasets.{ds}")
+    labels = dataset_labels(config, known_labels)
     for name, study in config["studies"].items():
         for ds in study["datasets"]:
             if ds not in config["datasets"]:
@@ -102,6 +97,7 @@ def check_config(config: dict,
                     if known is not None and label not in known:
                         raise ConfigError(f"studies.{name}.contrasts[{i}] names label {label!r}, which dataset "
                                           f"{ds!r} does not have ({where} = {list(known)})")
+    check_label_maps(config, labels)
     steer = config.get("steer", {})
     for name in steer.get("judge_models", []):
         if name not in config["models"]:
@@ -120,6 +116,61 @@ def check_config(config: dict,
                               f"models.{name}.sae_sites does not list its steer_site {m['steer_site']!r}")
         check_model_sites(name, m, hear_site=hear if m.get("steer_site") else None)
     check_concepts(config)
+
+
+def dataset_labels(config: dict, known_labels: Callable | None = None) -> dict[str, tuple[tuple | None, str]]:
+    """{dataset: (its labels or None where they are not known before a run, where they come from)}."""
+    labels = {}
+    for ds, d in config["datasets"].items():
+        if d["source"] == "demo":
+            emotions = d.get("demo", {}).get("emotions")
+            labels[ds] = (tuple(emotions) if emotions and d.get("label_column", "label") == "label" else None,
+                          f"datasets.{ds}.demo.emotions")
+        elif known_labels is not None:
+            labels[ds] = (known_labels(ds, d), f"the labels of datasets.{ds}")
+    return labels
+
+
+def check_label_maps(config: dict, labels: dict[str, tuple[tuple[str, ...] | None, str]]) -> None:
+    """`datasets.<name>.label_map` renames labels the dataset has (where they are known). `labels`:
+    as `dataset_labels` gives them."""
+    for ds, d in config["datasets"].items():
+        known, where = labels.get(ds, (None, ""))
+        for label in (d.get("label_map") or {}) if known is not None else ():
+            if label not in known:
+                raise ConfigError(f"datasets.{ds}.label_map renames {label!r}, which dataset {ds!r} does not have "
+                                  f"({where} = {list(known)})")
+
+
+def transfer_studies(config: dict, known_labels: Callable | None = None) -> dict[str, str]:
+    """{study: why not} for every study of two or more datasets, "" where the transfer stage runs
+    for it: the labels of all its datasets are known before a run, and every pair shares two or
+    more after their label_map, among them both labels of every contrast (the axes are read in
+    both). A study that does not qualify is left out of `all` with its reason (the workflow logs it)."""
+    labels = dataset_labels(config, known_labels)
+    out = {}
+    for name, study in config["studies"].items():
+        names = study["datasets"]
+        if len(names) < 2:
+            continue
+        mapped, why = {}, ""
+        for ds in names:
+            known = labels.get(ds, (None, ""))[0]
+            if known is None:
+                why = f"the labels of dataset {ds!r} are not known before a run"
+                break
+            label_map = config["datasets"][ds].get("label_map") or {}
+            mapped[ds] = {label_map.get(label, label) for label in known}
+        for i, a in enumerate(names if not why else []):
+            for b in names[i + 1:]:
+                shared = mapped[a] & mapped[b]
+                needed = {c[end] for c in study.get("contrasts", []) for end in ("source", "target")}
+                if len(shared) < 2 or not needed <= shared:
+                    why = why or (f"datasets {a!r} and {b!r} share {sorted(shared) or 'no'} label(s) after their "
+                                  f"label_map{' (contrasts need ' + str(sorted(needed)) + ')' if needed else ''}; "
+                                  f"set datasets.<name>.label_map so that they share two or more")
+        out[name] = why
+    return out
 
 
 def _blocks(site: Site | SitePattern, depths: dict, family: str, key: str, text: str) -> None:

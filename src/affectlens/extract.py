@@ -330,5 +330,5 @@ def _extract_chunk(manifest, adapter, sites, part, load_clip, clip_range, batch_
         bar.update(1)
     dims = {s: int(per_clip[s][0].shape[1]) for s in sites}
     chunk_attrs = {**attrs, "clip_range": [a, b]}
-    with write_store(part, dims, clip_ids, chunk_attrs, storage_dtype) as store:
+    with write_store(part, dims, clip_ids, chunk_attrs, storage_dtype, {s: adapter.site_attrs(s) for s in sites}) as store:
         store.append(per_clip, positions=positions, pooled=pooled)

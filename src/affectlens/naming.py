@@ -4,7 +4,10 @@
   `{clip}__alpha{a}.wav` (difference of means, the vector the CLI reuses),
   `{clip}__m-{method}__alpha{a}.wav` (other methods and controls),
   `{clip}__m-{method}__s{seed}__alpha{a}.wav` (seeded controls: random directions);
-- extraction shards: `i-of-n` (0-based shard i of n).
+- extraction shards: `i-of-n` (0-based shard i of n);
+- patching heatmaps in results/heatmaps/{study}/: `{dataset}__{model}__{contrast}[__{kind}][__{method}]`
+  (.png, .tsv), kind absent for the site × time window map, `heads` (block × head) or
+  `head_windows` (head × time window) for head-level patching, method absent for exact patching.
 """
 
 from __future__ import annotations
@@ -51,3 +54,32 @@ def parse_shard(text: str) -> tuple[int, int]:
     if m is None or not 0 <= int(m["i"]) < int(m["n"]):
         raise ValueError(f"shard {text!r} is not 'i-of-n' with 0 <= i < n")
     return int(m["i"]), int(m["n"])
+
+
+HEAD_MAPS = ("heads", "head_windows")
+"""Kinds of head-level heatmap: block × head (each head over the whole clip), head × time window."""
+
+
+class HeatmapName(NamedTuple):
+    dataset: str
+    model: str
+    contrast: str
+    kind: str  # "sites" or one of HEAD_MAPS
+    method: str  # "exact", "attribution", ...
+
+
+def heatmap_stem(dataset: str, model: str, contrast: str, kind: str = "sites", method: str = "exact") -> str:
+    parts = [dataset, model, contrast] + ([kind] if kind != "sites" else []) + ([method] if method != "exact" else [])
+    return "__".join(parts)
+
+
+def parse_heatmap_stem(stem: str) -> HeatmapName | None:
+    """The parts of a heatmap's file stem; None for any other stem."""
+    parts = stem.split("__")
+    if len(parts) < 3:
+        return None
+    rest = parts[3:]
+    kind = rest.pop(0) if rest and rest[0] in HEAD_MAPS else "sites"
+    if len(rest) > 1:
+        return None
+    return HeatmapName(parts[0], parts[1], parts[2], kind, rest[0] if rest else "exact")

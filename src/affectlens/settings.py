@@ -57,6 +57,7 @@ class ProbeConfig(_Section):
     effect_size: float = 0.5
     time_resolved: TimeResolvedConfig = field(default_factory=TimeResolvedConfig)
     projection_site: str | None = None
+    normalise: str = "none"
 
     @classmethod
     def from_dict(cls, values: Mapping | None, key: str | None = None) -> ProbeConfig:
@@ -120,6 +121,7 @@ class PatchConfig(_Section):
     attribution: bool = True
     exact: str = "all"
     top_k: int = 10
+    heads: str = "windows"
     max_batch: int = 16
     window_s: float = 0.4
     stride_s: float = 0.4
@@ -191,7 +193,15 @@ class ConceptConfig(_Section):
 
 
 
+@dataclass(frozen=True)
+class TransferConfig(_Section):
+    """The `transfer:` section (stage transfer; the probe's own settings come from `probe:`)."""
+
+    KEY = "transfer"
+    normalise: tuple[str, ...] = ("none", "corpus", "speaker")
+
+
 SECTIONS = {"probe": ProbeConfig, "probe_dynamic": ProbeDynamicConfig, "sae": SaeConfig, "patch": PatchConfig,
-            "trace": TraceConfig, "steer": SteerConfig}
+            "trace": TraceConfig, "steer": SteerConfig, "transfer": TransferConfig}
 """Config sections with a typed view, by top-level key (models: `models.config.ModelConfig`, one per entry;
 concepts: `ConceptConfig`, one per entry)."""

@@ -14,6 +14,8 @@ Layout
                                            towers: over the rows its adapter names, e.g.
                                            Qwen-Omni Talker code rows)
     /sites/{site}/frames [tower_frame, d]  every real position (pooling is an analysis choice)
+    /sites/{site} attrs  what a site's columns mean beyond the grammar: attn_heads sites record
+                         n_heads and d_head (head h is columns h * d_head ... (h + 1) * d_head - 1)
     attrs                model_id, revision, family, sample_rate, frame_rate, storage_dtype,
                          config_digest, versions (json), sites (json), towers (json),
                          clip_range [first, end), n_clips_total, clip_ids_digest, complete
@@ -91,7 +93,7 @@ def from_storage(x: np.ndarray, storage_dtype: str) -> np.ndarray:
 # --- writing ------------------------------------------------------------------------------------
 class StoreWriter:
     def __init__(self, path: str | Path, sites: dict[str, int], clip_ids: list[str], attrs: dict,
-                 storage_dtype: str = "float16"):
+                 storage_dtype: str = "float16", site_attrs: dict[str, dict] | None = None):
         if storage_dtype not in STORAGE_DTYPES:
             raise ValueError(f"storage_dtype {storage_dtype!r}: choose one of {sorted(STORAGE_DTYPES)}")
         self.path = Path(path)
@@ -113,6 +115,7 @@ class StoreWriter:
             g.create_dataset("pooled", shape=(self.n_clips, d), dtype=self.dtype)
             g.create_dataset("frames", shape=(0, d), maxshape=(None, d), dtype=self.dtype,
                              chunks=(min(_CHUNK_ROWS, max(1, 2**20 // (4 * d))), d))
+            g.attrs.update((site_attrs or {}).get(site, {}))
         self.h5.attrs.update({k: (json.dumps(v) if isinstance(v, (dict, list, tuple)) else v)
                               for k, v in attrs.items()})
         self.h5.attrs["storage_dtype"] = storage_dtype
@@ -226,9 +229,9 @@ class StoreWriter:
 
 
 @contextmanager
-def write_store(path, sites, clip_ids, attrs, storage_dtype="float16") -> Iterator[StoreWriter]:
+def write_store(path, sites, clip_ids, attrs, storage_dtype="float16", site_attrs=None) -> Iterator[StoreWriter]:
     """Write a store; on any error the partial file is removed and nothing appears at `path`."""
-    w = StoreWriter(path, sites, clip_ids, attrs, storage_dtype)
+    w = StoreWriter(path, sites, clip_ids, attrs, storage_dtype, site_attrs)
     try:
         yield w
     except BaseException:
@@ -293,6 +296,10 @@ class Store:
 
     def dim(self, site: str) -> int:
         return self._site(site)["pooled"].shape[1]
+
+    def site_attrs(self, site: str) -> dict:
+        """What the store records about a site's columns ({} for most; attn_heads: n_heads, d_head)."""
+        return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in self._site(site).attrs.items()}
 
     def pooled(self, site: str, kind: str | None = None) -> np.ndarray:
         """[clip, d] float32: the stored mean over all real positions, or with `kind` ("audio",
@@ -368,6 +375,7 @@ def merge_stores(parts: list[str | Path], out_path: str | Path, require_all: boo
     for p in parts:  # metadata only: a merge of thousands of chunks must not hold them all open
         with Store(p) as s:  # (each open file keeps ~1 MiB of HDF5 chunk cache, and a descriptor)
             s.dims = {site: s.dim(site) for site in s.sites}
+            s.site_meta = {site: s.site_attrs(site) for site in s.sites}
             s.with_positions = {t: f"towers/{t}/positions" in s.h5 for t in s.towers}
         stores.append(s)
     if not stores:
@@ -378,6 +386,7 @@ def merge_stores(parts: list[str | Path], out_path: str | Path, require_all: boo
     ref = stores[0]
     for s in stores[1:]:
         diff = [k for k in MERGE_KEYS if _attr(s, k) != _attr(ref, k)]
+        diff += [f"{site} attrs" for site in ref.sites if s.site_meta.get(site) != ref.site_meta[site]]
         if diff:
             raise MergeError(f"{s.path} and {ref.path} differ in {diff} "
                              f"({[(_attr(s, k), _attr(ref, k)) for k in diff]}); they were not made by one extraction "
@@ -401,7 +410,7 @@ def merge_stores(parts: list[str | Path], out_path: str | Path, require_all: boo
              if k not in ("complete", "storage_dtype", "sites", "towers", "format_version")}
     attrs["clip_range"] = json.dumps([ranges[0][0], ranges[-1][1]])
     with_positions = ref.with_positions
-    with write_store(out_path, sites, clip_ids, attrs, ref.storage_dtype) as w:
+    with write_store(out_path, sites, clip_ids, attrs, ref.storage_dtype, ref.site_meta) as w:
         for meta in stores:
             if meta.with_positions != with_positions:
                 raise MergeError(f"{meta.path} and {ref.path} differ in which towers record positions")

@@ -1,6 +1,8 @@
 # Config validation and every input function of the workflow. Rules name each other's files with
 # `rules.X.output`; these functions spell paths out, since a storage-flagged `rules.X.output` (a
 # --default-storage-provider run) cannot be formatted here.
+import sys
+
 import yaml
 from snakemake.io import apply_wildcards
 from snakemake.utils import validate
@@ -14,9 +16,10 @@ from affectlens.config import (
     concept_sae,
     contrast_name,
     sae_steer_site,
+    transfer_studies,
 )
 from affectlens.data.concepts import audio_files
-from affectlens.data.sources import data_listing, known_labels
+from affectlens.data.sources import data_listing, known_labels, text_only
 from affectlens.extract import shard_paths, weight_files
 
 SCHEMA = yaml.safe_load(open(workflow.source_path("../schemas/config.schema.yaml")))
@@ -126,20 +129,31 @@ def all_targets():
             "pmemo",
             "deam",
         ):  # sources with 2 Hz ratings
-            targets.append(f"results/probe/{dataset}/{model}/dynamic.tsv")
+            targets.append(f"results/probe_dynamic/{dataset}/{model}/sweep.tsv")
         targets += [f"results/sae/{dataset}/{model}/{site}" for site in m["sae_sites"]]
         # wherever patching runs: which clips' decisions flip, read off their activations
         targets += [
-            f"results/probe/{dataset}/{model}/outcomes/{contrast_name(c)}.tsv"
+            f"results/probe_outcomes/{dataset}/{model}/{contrast_name(c)}.tsv"
             for c in config["studies"][study]["contrasts"]
         ]
         if m["steer_site"]:
             for c in config["studies"][study]["contrasts"]:
                 targets += [
                     f"results/steer/{dataset}/{model}/{contrast_name(c)}",
-                    f"results/report/steer/{dataset}/{model}/{contrast_name(c)}.html",
+                    f"results/steer_listen/{dataset}/{model}/{contrast_name(c)}.html",
                 ]
     targets += [f"results/concepts/{name}" for name in config["concepts"]]
+    for study, why in transfer_studies(config, known_labels).items():
+        if why:
+            print(
+                f"affectlens: no transfer stage for study {study}: {why}",
+                file=sys.stderr,
+            )
+            continue
+        targets += [
+            f"results/transfer/{study}/{model}/transfer.tsv"
+            for model in config["studies"][study]["models"]
+        ]
     return list(dict.fromkeys(targets))
 
 
@@ -150,11 +164,21 @@ DATASET_SOURCES = set(
 )
 
 
+# Dataset keys that only the transfer stage reads: changing them reruns no data rule.
+TRANSFER_ONLY_KEYS = {"label_map"}
+
+
 def dataset_cfg(wildcards):
     """The dataset's settings without the (defaulted) sections of other sources, so that a
-    change to one source's settings never reruns datasets of another."""
+    change to one source's settings never reruns datasets of another, and without the keys only
+    the transfer stage reads."""
     d = config["datasets"][wildcards.dataset]
-    return {k: v for k, v in d.items() if k not in DATASET_SOURCES or k == d["source"]}
+    return {
+        k: v
+        for k, v in d.items()
+        if (k not in DATASET_SOURCES or k == d["source"])
+        and k not in TRANSFER_ONLY_KEYS
+    }
 
 
 def dataset_listing(wildcards):
@@ -207,11 +231,52 @@ def study_pairs(wildcards):
     ]
 
 
+def acoustic_table(wildcards):
+    """The dataset's acoustic feature table, which the probe stage compares the model with
+    (probe.acoustic_baseline); none for a dataset whose clips are texts alone (no audio).
+    """
+    d = config["datasets"][wildcards.dataset]
+    if not config["probe"]["acoustic_baseline"] or text_only(wildcards.dataset, d):
+        return []
+    return f"results/acoustic_features/{wildcards.dataset}.tsv"
+
+
 def study_sweeps(wildcards):
     """The sweep tables of every dataset x model of a study."""
     s = config["studies"][wildcards.study]
     return [
         f"results/probe/{d}/{m}/sweep.tsv" for d in s["datasets"] for m in s["models"]
+    ]
+
+
+def transfer_inputs(wildcards):
+    """The stores, decoded manifests and (probe.acoustic_baseline) acoustic feature tables of every
+    dataset of the study, in the study's order, for the study's model."""
+    s = config["studies"][wildcards.study]
+    if wildcards.model not in s["models"]:
+        raise ValueError(
+            f"results/transfer/{wildcards.study}/{wildcards.model}: studies.{wildcards.study}.models "
+            f"does not list {wildcards.model!r} ({s['models']})"
+        )
+    names = s["datasets"]
+    out = {
+        "stores": [f"results/extract/{d}/{wildcards.model}.h5" for d in names],
+        "manifests": [f"results/decode/{d}/manifest.tsv" for d in names],
+    }
+    if config["probe"]["acoustic_baseline"]:
+        out["acoustic"] = [f"results/acoustic_features/{d}.tsv" for d in names]
+    return out
+
+
+def transfer_datasets(wildcards):
+    """[{name, label_column, label_map}] of the study's datasets, in the order of transfer_inputs."""
+    return [
+        {
+            "name": d,
+            "label_column": config["datasets"][d]["label_column"],
+            "label_map": config["datasets"][d]["label_map"],
+        }
+        for d in config["studies"][wildcards.study]["datasets"]
     ]
 
 

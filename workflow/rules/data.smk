@@ -63,7 +63,7 @@ rule dynamic_ratings:
         raw=rules.raw.output,
         manifest=rules.manifest.output.manifest,
     output:
-        ratings="results/manifest/{dataset}.dynamic.tsv",
+        ratings="results/dynamic_ratings/{dataset}.tsv",
     log:
         "logs/dynamic_ratings/{dataset}.log",
     conda:

@@ -7,6 +7,9 @@ rule patch:
         effects="results/patch/{dataset}/{model}/{contrast}/effects.tsv",
         summary="results/patch/{dataset}/{model}/{contrast}/summary.tsv",
         agreement="results/patch/{dataset}/{model}/{contrast}/agreement.tsv",
+        # head-level patching of attn_heads sites (`patch.heads`); without rows when none are stored
+        heads="results/patch/{dataset}/{model}/{contrast}/heads.tsv",
+        heads_summary="results/patch/{dataset}/{model}/{contrast}/heads_summary.tsv",
     log:
         "logs/patch/{dataset}/{model}/{contrast}.log",
     benchmark:

@@ -2,7 +2,7 @@ rule acoustic_features:
     input:
         manifest=rules.decode.output.manifest,
     output:
-        features="results/probe/{dataset}/acoustic_features.tsv",
+        features="results/acoustic_features/{dataset}.tsv",
     log:
         "logs/acoustic_features/{dataset}.log",
     conda:
@@ -16,11 +16,7 @@ rule probe:
     input:
         store=rules.extract.output.store,
         manifest=rules.decode.output.manifest,
-        acoustic=(
-            rules.acoustic_features.output.features
-            if config["probe"]["acoustic_baseline"]
-            else []
-        ),
+        acoustic=acoustic_table,
     output:
         sweep="results/probe/{dataset}/{model}/sweep.tsv",
         confusion="results/probe/{dataset}/{model}/confusion.tsv",
@@ -94,7 +90,7 @@ rule probe_outcomes:
         pairs=rules.patch.output.pairs,
         effects=rules.patch.output.effects,
     output:
-        sweep="results/probe/{dataset}/{model}/outcomes/{contrast}.tsv",
+        sweep="results/probe_outcomes/{dataset}/{model}/{contrast}.tsv",
     log:
         "logs/probe_outcomes/{dataset}/{model}/{contrast}.log",
     conda:
@@ -112,7 +108,7 @@ rule probe_study:
     input:
         study_sweeps,
     output:
-        table="results/probe/{study}.tsv",
+        table="results/probe_study/{study}.tsv",
     log:
         "logs/probe_study/{study}.log",
     wildcard_constraints:
@@ -131,10 +127,10 @@ rule probe_dynamic:
         manifest=rules.decode.output.manifest,
         ratings=rules.dynamic_ratings.output.ratings,
     output:
-        table="results/probe/{dataset}/{model}/dynamic.tsv",
-        predictions="results/probe/{dataset}/{model}/dynamic_predictions.tsv",
+        table="results/probe_dynamic/{dataset}/{model}/sweep.tsv",
+        predictions="results/probe_dynamic/{dataset}/{model}/predictions.tsv",
         plot=report(
-            "results/probe/{dataset}/{model}/dynamic.png",
+            "results/probe_dynamic/{dataset}/{model}/dynamic.png",
             caption="../report/probe_dynamic.rst",
             category="Probes",
             subcategory=study_of,

@@ -8,7 +8,7 @@ rule steer_listen:
         manifest=rules.decode.output.manifest,
     output:
         report(
-            "results/report/steer/{dataset}/{model}/{contrast}.html",
+            "results/steer_listen/{dataset}/{model}/{contrast}.html",
             caption="../report/steer_listen.rst",
             category="Steering",
             subcategory=study_of,

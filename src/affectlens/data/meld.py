@@ -17,6 +17,11 @@ utterance_id, season, episode, episode_start/episode_end (seconds into the episo
 annotated_duration (EndTime - StartTime), which the clip checks compare with the clip to find
 mis-cut clips. Annotation rows without a clip, clips without an annotation row and files that
 are not named like a clip are listed in the rejections with their reason.
+
+Text only (`meld.modality: text`): a clip is the utterance's text, for text encoders. Only the
+annotation tables are read (from `annotations_dir`, `annotations_hub` or `root`; the 10.9 GB
+tarball of videos is never fetched), every annotated utterance is a clip, and `path` names the
+table its text was read from. The manifest stage checks no media and decode passes the rows on.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ SPLITS = ("train", "dev", "test")
 CLIP_FOLDERS = {"train": "train_splits", "dev": "dev_splits_complete", "test": "output_repeated_splits_test"}
 EMOTIONS = ("neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear")
 SENTIMENTS = ("neutral", "positive", "negative")
+MODALITIES = ("audiovisual", "text")
 COLUMNS = ("Sr No.", "Utterance", "Speaker", "Emotion", "Sentiment", "Dialogue_ID", "Utterance_ID", "Season",
            "Episode", "StartTime", "EndTime")
 REQUIRED = ("Utterance", "Speaker", "Emotion", "Sentiment", "Dialogue_ID", "Utterance_ID", "StartTime", "EndTime")
@@ -74,6 +80,9 @@ class Options:
     """Official splits to include."""
     label: str = "emotion"
     """Which annotation is the class label: emotion (7 classes) or sentiment (3)."""
+    modality: str = "audiovisual"
+    """What a clip is: `audiovisual`, the utterance's video clip (audio decoded, frames sampled), or
+    `text`, the utterance's text alone, read from the annotation tables (no clip is fetched)."""
 
     def __post_init__(self):
         object.__setattr__(self, "splits", tuple(self.splits))
@@ -84,6 +93,17 @@ class Options:
             raise ValueError("meld.annotations_dir and meld.annotations_hub: give one source of annotations")
         if self.label not in ("emotion", "sentiment"):
             raise ValueError(f"meld.label: {self.label!r} must be 'emotion' or 'sentiment'")
+        if self.modality not in MODALITIES:
+            raise ValueError(f"meld.modality: {self.modality!r} must be one of {list(MODALITIES)}")
+        if self.modality == "text" and not (self.annotations_dir or self.annotations_hub or self.root):
+            raise ValueError("meld.modality text reads only the annotation tables: set meld.annotations_dir (a "
+                             "folder with {train,dev,test}_sent_emo.csv), meld.annotations_hub or meld.root; the "
+                             "tarball (meld.url, meld.archive) is 10.9 GB of video and is not fetched for text")
+
+
+def text_only(opts: Options) -> bool:
+    """Whether a clip is the utterance's text alone (`meld.modality: text`): no media to check or decode."""
+    return opts.modality == "text"
 
 
 def known_labels(opts: Options, key: str = "") -> tuple[str, ...]:
@@ -96,7 +116,7 @@ def fetch(raw_dir: Path, opts: Options, cache: Path) -> None:
     raw_dir.mkdir(parents=True, exist_ok=True)
     if opts.root:
         link_tree(opts.root, raw_dir / "MELD.Raw")
-    else:
+    elif not text_only(opts):
         archive = Path(opts.archive) if opts.archive else download(opts.url, cache / "MELD.Raw.tar.gz",
                                                                    sha256=opts.sha256)
         n = extract(archive, raw_dir, nested=True)
@@ -223,10 +243,23 @@ def _tables(raw_dir: Path, splits) -> dict[str, Path]:
     return out
 
 
+def text_manifest(table: pd.DataFrame) -> tuple[pd.DataFrame, list[dict]]:
+    """`meld.modality: text`: every annotated utterance with text is a clip whose `path` is the
+    table it was read from; an utterance without text is rejected."""
+    empty = table["text"].isna() | (table["text"].astype(str).str.strip() == "")
+    rejections = [rejection(r.clip_id, r.source_table, f"no utterance text in {Path(r.source_table).name}")
+                  for r in table[empty].itertuples()]
+    manifest = table[~empty].assign(path=table["source_table"]).drop(columns=["source_table"])
+    return manifest.reset_index(drop=True), rejections
+
+
 def build_manifest(raw_dir: Path, dataset: str, opts: Options) -> tuple[pd.DataFrame, list[dict]]:
-    """Manifest of every annotated utterance that has a clip, and rejections with reasons."""
+    """Manifest of every annotated utterance that has a clip (with `meld.modality: text`, of every
+    annotated utterance), and rejections with reasons."""
     raw_dir = Path(raw_dir)
     table = annotation_table(_tables(raw_dir, opts.splits), dataset, opts.label)
+    if text_only(opts):
+        return text_manifest(table)
     rows, rejections = [], []
     for split in opts.splits:
         ann = table[table["split"] == split]

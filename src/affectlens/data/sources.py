@@ -22,6 +22,7 @@ MODULES = {
     "meld": "affectlens.data.meld",
     "crema_d": "affectlens.data.crema_d",
     "ravdess": "affectlens.data.ravdess",
+    "urdu": "affectlens.data.urdu",
     "pmemo": "affectlens.data.pmemo",
     "deam": "affectlens.data.deam",
     "folder": "affectlens.data.folder",
@@ -51,6 +52,15 @@ def fetch(raw_dir: str | Path, dataset: str, dataset_cfg: dict) -> None:
 def build(raw_dir: str | Path, dataset: str, dataset_cfg: dict) -> tuple[pd.DataFrame, list[dict]]:
     source = dataset_cfg["source"]
     return module(source).build_manifest(Path(raw_dir), dataset, source_options(dataset, dataset_cfg))
+
+
+def text_only(dataset: str, dataset_cfg: dict) -> bool:
+    """Whether the dataset's clips are texts alone, with no audio or video file (MELD with
+    `meld.modality: text`): the manifest stage checks no media, decode passes the rows on, and the
+    probe stage gets no acoustic baseline. A source says so with its own `text_only(opts)`."""
+    source = dataset_cfg["source"]
+    find = getattr(module(source), "text_only", None) if source in MODULES else None
+    return bool(find is not None and find(source_options(dataset, dataset_cfg)))
 
 
 def data_listing(dataset: str, dataset_cfg: dict) -> str:

@@ -109,6 +109,16 @@ class Adapter(ABC):
             ]
         return expand_sites(list(patterns), self.n_blocks)
 
+    def site_attrs(self, site: str) -> dict:
+        """What the store records beside a site's matrices: for attn_heads, `n_heads` and `d_head`
+        (the columns of head h are h * d_head ... (h + 1) * d_head - 1); nothing for other sites."""
+        parsed = parse_site(site)
+        if parsed.point != "attn_heads":
+            return {}
+        proj, _ = self._hook_point(parsed)
+        n = head_count(self.model, proj, site)
+        return {"n_heads": n, "d_head": proj.in_features // n}
+
     def frames_for(self, n_samples: int) -> int:
         """Frames of real signal for a clip of n_samples at `sample_rate`."""
         return int(np.ceil(n_samples * self.frame_rate / self.sample_rate))
@@ -159,23 +169,80 @@ class Adapter(ABC):
         return out, cache
 
     def run_from(self, batch: Batch, site: str, activation: torch.Tensor,
-                 capture: Iterable[str] = ()) -> tuple[Any, dict[str, torch.Tensor]]:
+                 capture: Iterable[str] = (), interventions: dict[str, Intervention] | None = None,
+                 ) -> tuple[Any, dict[str, torch.Tensor]]:
         """Run with the whole activation at `site` replaced by `activation` [batch, frame, d].
-        Only sites at or after `site` may be captured. Families that can start mid-model override
-        this to skip the blocks before `site` (same result, less compute); this default runs the
-        full forward and writes the activation in with a hook."""
-        return self.run(batch, capture=capture, interventions={site: lambda act, _: activation})
+        Only sites at or after `site` may be captured, and `interventions` act at sites after it
+        (patching a site inside a block resumes at the block's input and edits the site there).
+        Families that can start mid-model override this to skip the blocks before `site` (same
+        result, less compute); this default runs the full forward and writes the activation in
+        with a hook."""
+        return self.run(batch, capture=capture,
+                        interventions={**(interventions or {}), site: lambda act, _: activation})
+
+
+# Names of a block's attention output projection and feed-forward second linear, across the
+# transformers families the adapters hook (Whisper, wav2vec2 & co., Qwen2 LMs, Qwen-VL vision
+# blocks, T5, MusicGen, BERT): their inputs are the sites attn_heads and mlp_hidden.
+OUT_PROJ_NAMES = ("out_proj", "o_proj", "proj", "o", "out_lin", "dense")
+DOWN_PROJ_NAMES = ("fc2", "down_proj", "output_dense", "wo", "lin2", "dense")
+HEAD_COUNT_NAMES = ("num_heads", "num_attention_heads", "n_heads", "n_head")
+
+
+def _linear_in(module: nn.Module, names: tuple[str, ...], what: str, where: str) -> nn.Module:
+    """`module` itself when it is a linear layer, else its one child linear layer named in `names`."""
+    if isinstance(module, nn.Linear):
+        return module
+    found = [n for n in names if isinstance(getattr(module, n, None), nn.Linear)]
+    if not found:
+        raise SiteError(f"{where}: the module {type(module).__name__} has no {what} among the children {names} "
+                        "(a mixture of experts has one per expert, and no single site)")
+    return getattr(module, found[0])
 
 
 def block_hook_point(layers: nn.ModuleList, site: Site, attn: str = "self_attn", mlp: str = "mlp") -> tuple[nn.Module, str]:
     """Sites of a stack of residual blocks: embed is the input to block 0, attn_out / mlp_out the
     outputs of the submodules at the paths `attn` / `mlp` (attention and feed-forward, or
-    mixture-of-experts, before they join the residual), resid_post the block's output."""
+    mixture-of-experts, before they join the residual), resid_post the block's output;
+    attn_heads the input of the attention's output projection (the per-head outputs, concatenated
+    head-major), mlp_hidden the input of the feed-forward's second linear (after the activation).
+    Where `attn` / `mlp` name the projection itself (Whisper's `fc2`, BERT's `attention.output.dense`)
+    the finer point is its input."""
     if site.point == "embed":
         return layers[0], "pre"
     layer = layers[site.block]
+    if site.point == "attn_heads":
+        return _linear_in(layer.get_submodule(attn), OUT_PROJ_NAMES, "output projection", str(site)), "pre"
+    if site.point == "mlp_hidden":
+        return _linear_in(layer.get_submodule(mlp), DOWN_PROJ_NAMES, "second linear", str(site)), "pre"
     return {"resid_post": (layer, "post"), "attn_out": (layer.get_submodule(attn), "post"),
             "mlp_out": (layer.get_submodule(mlp), "post")}[site.point]
+
+
+def head_count(model: nn.Module, proj: nn.Module, where: str) -> int:
+    """Heads whose outputs the linear `proj` (an attention's output projection) reads: from the
+    nearest module around it (itself, an ancestor, or an ancestor's child: BERT keeps the count
+    on its self-attention, beside the output projection's parent) that states `head_dim` or a head
+    count, checked against the projection's input width."""
+    names = {id(m): n for n, m in model.named_modules()}
+    path = names.get(id(proj))
+    if path is None:
+        raise SiteError(f"{where}: the output projection is not a module of the model")
+    width = proj.in_features
+    parts = path.split(".")
+    for i in range(len(parts), -1, -1):
+        ancestor = model.get_submodule(".".join(parts[:i]))
+        for m in (ancestor, *ancestor.children()):
+            head_dim = getattr(m, "head_dim", None)
+            if isinstance(head_dim, int) and head_dim > 0 and width % head_dim == 0:
+                return width // head_dim
+            for name in HEAD_COUNT_NAMES:
+                n = getattr(m, name, None)
+                if isinstance(n, int) and n > 0 and width % n == 0:
+                    return n
+        if i < len(parts) - 2:  # past the block: a count there (a whole model's) may be another tower's
+            break
+    raise SiteError(f"{where}: no module around {path} states its attention's head count")
 
 
 def _install(module: nn.Module, where: str, site: str, edit: Intervention | None, keep: bool, cache: dict,

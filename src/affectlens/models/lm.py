@@ -13,7 +13,7 @@ def prompt_positions(input_ids: np.ndarray, attention_mask: np.ndarray, tokens: 
                      placeholders: dict[int, str], times: dict[str, np.ndarray] | None = None,
                      frames: dict[str, np.ndarray] | None = None) -> Positions:
     """The real tokens of one padded prompt. Tokens whose id is in `placeholders` take that kind
-    ("audio", "video", "image"); the k-th token of a kind gets times[kind][k] and frames[kind][k]
+    ("audio", "video", "image"); the k-th token of a kind gets `times[kind][k]` and `frames[kind][k]`
     (seconds from the clip's start, video frame), which must have one entry per such token. All
     other tokens are text, with their string."""
     times, frames = times or {}, frames or {}

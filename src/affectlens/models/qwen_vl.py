@@ -201,14 +201,15 @@ class QwenVLAdapter(Adapter):
                              f"{prompt.count(token)} in {prompt[:200]!r}")
         return prompt.replace(token, token * n_tokens)
 
-    def run_from(self, batch: Batch, site: str, activation: torch.Tensor, capture=()):
+    def run_from(self, batch: Batch, site: str, activation: torch.Tensor, capture=(), interventions=None):
         """From a decoder site on, the vision tower's output is overwritten: skip it (the token
         ids, grids and token types still give the LM its multimodal rotary positions)."""
         if not site.startswith("decoder."):
-            return super().run_from(batch, site, activation, capture)
+            return super().run_from(batch, site, activation, capture, interventions)
         text_only = Batch({k: v for k, v in batch.inputs.items() if k not in ("pixel_values", "pixel_values_videos")},
                           batch.n_frames, batch.meta, batch.positions)
-        return self.run(text_only, capture=capture, interventions={site: lambda act, _: activation})
+        return self.run(text_only, capture=capture,
+                        interventions={**(interventions or {}), site: lambda act, _: activation})
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Next-token logits [clip, token, vocab]."""

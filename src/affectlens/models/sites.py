@@ -1,7 +1,7 @@
 """The site grammar: one spelling for every place activations are read or written.
 
     {tower}.embed                 the input to block 0 (after the tower's input embedding)
-    {tower}.blocks.{L}.{point}    point in resid_post | attn_out | mlp_out
+    {tower}.blocks.{L}.{point}    point in resid_post | attn_out | mlp_out | attn_heads | mlp_hidden
     latent                        the latent sequence of an autoencoder (RAVE's z between encode
                                   and decode): a tower of its own, without blocks
 
@@ -12,6 +12,19 @@ codebooks after the Talker's first one).
 `resid_pre` is not a spelling of its own: the input to block L is `{tower}.embed` for L = 0 and
 `{tower}.blocks.{L-1}.resid_post` otherwise, and the parser says so rather than accepting a
 second name for the same tensor.
+
+Finer points inside a block (docs/sites.md):
+
+    attn_heads    the attention's per-head outputs before the output projection (the input of
+                  `out_proj` / `o_proj`): [frame, head * d_head], head-major (head h is columns
+                  h * d_head ... (h + 1) * d_head - 1); the store records `n_heads` and `d_head`
+                  per site. Projected by the output projection (plus its bias) it is attn_out.
+    mlp_hidden    the feed-forward's hidden activation after the activation function (for gated
+                  MLPs after the gate's product): the input of the second linear (`fc2` /
+                  `down_proj`), whose output is mlp_out.
+
+Within a block the points follow the forward's order, which is also their sort order:
+attn_heads < attn_out < mlp_hidden < mlp_out < resid_post.
 """
 
 from __future__ import annotations
@@ -20,7 +33,9 @@ import re
 from dataclasses import dataclass
 
 TOWERS = ("encoder", "decoder", "thinker", "talker", "predictor", "vision", "text", "audio", "latent")
-POINTS = ("resid_post", "attn_out", "mlp_out")
+POINTS = ("resid_post", "attn_out", "mlp_out", "attn_heads", "mlp_hidden")
+BLOCK_INNER_POINTS = ("attn_heads", "attn_out", "mlp_hidden", "mlp_out")
+"""Points inside a block (before its output): a run can resume at the block's input and reach them."""
 GENERATED_TOWERS = ("talker", "predictor")
 """Towers a forward over the prompt never reaches: read while speech is generated (Qwen-Omni)."""
 
@@ -55,6 +70,14 @@ class Site:
     def depth(self) -> int:
         """Position along the tower: 0 for embed, L + 1 for block L."""
         return self.block + 1
+
+    @property
+    def block_input(self) -> "Site":
+        """The site holding the input of this site's block: `{tower}.embed` for block 0, else the
+        previous block's resid_post (what the grammar calls resid_pre)."""
+        if self.block < 0:
+            raise SiteError(f"site {self}: not inside a block")
+        return Site(self.tower, -1, "embed") if self.block == 0 else Site(self.tower, self.block - 1, "resid_post")
 
 
 def parse_site(text: str) -> Site:

@@ -9,6 +9,13 @@ frames at 16 kHz: 50 frames/s), a projection, and `encoder.layers[L]` with `atte
     encoder.blocks.{L}.attn_out   the self-attention output, before it joins the residual
     encoder.blocks.{L}.mlp_out    the feed-forward output, before it joins the residual
     encoder.blocks.{L}.resid_post the block's output
+    encoder.blocks.{L}.attn_heads the heads' outputs, the input of `attention.out_proj`
+    encoder.blocks.{L}.mlp_hidden the feed-forward's hidden activation, the input of
+                                  `feed_forward.output_dense`
+
+WavLM's attention hands its output projection's weights to torch's fused attention function, so
+no module call sees the heads; the adapter's forward routes it through `out_proj` as a module
+(the same product, see `_wavlm_out_proj_as_module`).
 
 Base-size checkpoints are post-LN (a layer norm follows each residual addition, so resid_post is
 not resid_pre + attn_out + mlp_out); large ones are pre-LN with a final layer norm after the last
@@ -131,13 +138,14 @@ class SpeechEncoderAdapter(Adapter):
     def forward(self, batch: Batch) -> torch.Tensor:
         """Encoder output [clip, frame, d] (after the final layer norm of pre-LN models)."""
         samples = batch.meta.get("n_samples")
-        if samples is None or len(set(samples)) == 1:
-            return self.base(**batch.inputs).last_hidden_state
+        per_clip = samples is not None and len(set(samples)) > 1
         with ExitStack() as stack:
-            if self.stem_per_clip:  # [clip, channel, frame]
+            if self.family == "wavlm":
+                stack.enter_context(_wavlm_out_proj_as_module(self.encoder.layers))
+            if per_clip and self.stem_per_clip:  # [clip, channel, frame]
                 stack.enter_context(_per_clip(self.base.feature_extractor, samples, time_axis=-1,
                                               total=lambda x: int(self.base._get_feat_extract_output_lengths(x.shape[-1]))))
-            if self.pos_conv_per_clip:  # [clip, frame, d]
+            if per_clip and self.pos_conv_per_clip:  # [clip, frame, d]
                 stack.enter_context(_per_clip(self.encoder.pos_conv_embed, batch.n_frames, time_axis=1,
                                               total=lambda x: x.shape[1]))
             return self.base(**batch.inputs).last_hidden_state
@@ -163,3 +171,41 @@ def _per_clip(module: nn.Module, lengths: list[int], time_axis: int, total):
         yield
     finally:
         del module.forward
+
+
+@contextmanager
+def _wavlm_out_proj_as_module(layers: nn.ModuleList):
+    """Within the block, each WavLM attention runs torch's fused attention with an identity
+    output projection (giving the heads' outputs, concatenated head-major, exactly: a product
+    with the identity rounds nothing) and then calls its `out_proj` as a module on them, so hooks
+    on `out_proj` (the attn_heads site) see the heads. The result is the fused call's own last
+    step, the same linear on the same tensor."""
+    attns = [layer.attention for layer in layers]
+
+    def routed(attn, run):
+        def fused(hidden_states, attention_mask, gated_position_bias):
+            proj = attn.out_proj
+            eye = torch.eye(proj.in_features, dtype=proj.weight.dtype, device=proj.weight.device)
+            attn._modules["out_proj"] = _Projection(eye, None if proj.bias is None else torch.zeros_like(proj.bias))
+            try:
+                heads, weights = run(attn, hidden_states, attention_mask, gated_position_bias)
+            finally:
+                attn._modules["out_proj"] = proj
+            return proj(heads), weights
+        return fused
+
+    for attn in attns:
+        attn.torch_multi_head_self_attention = routed(attn, type(attn).torch_multi_head_self_attention)
+    try:
+        yield
+    finally:
+        for attn in attns:
+            del attn.torch_multi_head_self_attention
+
+
+class _Projection(nn.Module):
+    """Weights that stand in for an output projection while the fused call reads them."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        self.weight, self.bias = weight, bias

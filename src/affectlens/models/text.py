@@ -8,6 +8,8 @@ Sites:
     text.blocks.{L}.attn_out    the attention output projection, before dropout, residual, norm
     text.blocks.{L}.mlp_out     the feed-forward output projection, before dropout, residual, norm
     text.blocks.{L}.resid_post  the block's output (post-LN: after the block's last layer norm)
+    text.blocks.{L}.attn_heads  the heads' outputs, the input of the attention output projection
+    text.blocks.{L}.mlp_hidden  the feed-forward's hidden activation, the input of its output projection
 
 Positions are the tokens, each with its string (special tokens included); padding, on either
 side, is never stored. The pooled mean over real tokens of the last resid_post is exactly
@@ -21,7 +23,7 @@ import torch
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel
 
-from affectlens.models.base import Adapter, Batch
+from affectlens.models.base import Adapter, Batch, block_hook_point
 from affectlens.models.loading import input_device, load_pretrained, load_processor
 from affectlens.models.positions import text_positions
 from affectlens.models.sites import Site, SiteError
@@ -71,11 +73,7 @@ class TextEncoderAdapter(Adapter):
     def _hook_point(self, site: Site) -> tuple[nn.Module, str]:
         if site.tower != "text":
             raise SiteError(f"site {site}: a text encoder has only the tower 'text'")
-        if site.point == "embed":
-            return self.blocks[0], "pre"
-        layer = self.blocks[site.block]
-        return {"resid_post": (layer, "post"), "attn_out": (layer.get_submodule(self._attn), "post"),
-                "mlp_out": (layer.get_submodule(self._mlp), "post")}[site.point]
+        return block_hook_point(self.blocks, site, attn=self._attn, mlp=self._mlp)
 
     def prepare(self, texts: list[str]) -> Batch:
         """Texts -> padded token ids with attention mask; positions are the real tokens."""

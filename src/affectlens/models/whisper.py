@@ -316,7 +316,9 @@ class WhisperAdapter(Adapter):
     """Whisper's encoder, and with `towers=("encoder", "decoder")` its decoder. Sites:
     `{tower}.embed` (encoder: conv stem + positions; decoder: token + position embeddings; the
     input to block 0), `{tower}.blocks.{L}.resid_post | attn_out | mlp_out` (attn_out is the
-    self-attention; the decoder's cross-attention output is part of resid_post). The last
+    self-attention; the decoder's cross-attention output is part of resid_post), and inside a
+    block `attn_heads` (the self-attention's heads, the input of `self_attn.out_proj`) and
+    `mlp_hidden` (GELU(fc1(x)), the input of `fc2`). The last
     block's resid_post is before the tower's final layer norm. `forward` returns the encoder's
     normed output, or with the decoder the logits [clip, token, vocab]."""
 
@@ -466,18 +468,19 @@ class WhisperAdapter(Adapter):
         return enc.layer_norm(hidden)
 
     @torch.inference_mode()
-    def run_from(self, batch: Batch, site: str, activation: torch.Tensor, capture=()):
+    def run_from(self, batch: Batch, site: str, activation: torch.Tensor, capture=(), interventions=None):
         """Start the encoder at `site` (embed or a block's resid_post) from `activation`, skipping
-        the conv stem and the blocks before it: what patching needs, at a fraction of the cost."""
+        the conv stem and the blocks before it: what patching needs, at a fraction of the cost.
+        `interventions` act at later sites (a site inside a block: resume at the block's input)."""
         start_site = parse_site(site)
         if start_site.point not in ("embed", "resid_post") or "decoder_input_ids" in batch.inputs:
-            return super().run_from(batch, site, activation, capture)
+            return super().run_from(batch, site, activation, capture, interventions)
         capture = list(capture)
-        upstream = [c for c in capture if c != site and parse_site(c) <= start_site]
+        upstream = [c for c in [*capture, *(interventions or {})] if c != site and parse_site(c) <= start_site]
         if upstream:
-            raise ValueError(f"run_from({site!r}) cannot capture {upstream}: they lie before the start site")
+            raise ValueError(f"run_from({site!r}) cannot capture or edit {upstream}: they lie before the start site")
         start = start_site.block + 1  # embed has block -1
-        with self.hooks(capture=[c for c in capture if c != site]) as cache:
+        with self.hooks(interventions, capture=[c for c in capture if c != site]) as cache:
             hidden = activation.to(next(self.model.parameters()).dtype)
             mask = padding_mask(batch.n_frames, hidden.shape[1], hidden.dtype, hidden.device) if self.trim else None
             for layer in self.encoder.layers[start:]:

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from affectlens.models.base import Adapter, Batch, Intervention
-from affectlens.models.sites import parse_site
+from affectlens.models.sites import BLOCK_INNER_POINTS, parse_site
 
 # Pairs whose clean and corrupt metric differ by less than this cannot be normalised.
 MIN_METRIC_GAP = 1e-3
@@ -81,6 +81,46 @@ def window_setter(donor: torch.Tensor, windows: list[tuple[int, int]]) -> Interv
     return setter
 
 
+def resume_site(site: str, metric: Metric) -> str:
+    """Where a patched run starts: at `site` itself, or for a site inside a block (attn_heads,
+    attn_out, mlp_hidden, mlp_out) at its block's input, with the patch applied by a hook as the
+    run passes the site, so that adapters that resume mid-model (`run_from`) skip the blocks
+    before it. Not when the metric reads a site at or before the block's input."""
+    parsed = parse_site(site)
+    if parsed.point not in BLOCK_INNER_POINTS:
+        return site
+    start = parsed.block_input
+    if any(parse_site(c).tower == parsed.tower and parse_site(c) <= start for c in metric.capture):
+        return site
+    return str(start)
+
+
+def run_patched(adapter: Adapter, batch: Batch, site: str, base_cache: dict[str, torch.Tensor],
+                edit: Intervention, metric: Metric) -> torch.Tensor:
+    """The metric of `batch` (the base input repeated once per edit row) with `edit` applied at
+    `site`, everything before `site` taken from the base run's cache (which holds
+    `resume_site(site, metric)`)."""
+    n = len(batch)
+    start = resume_site(site, metric)
+    if start == site:
+        patched = edit(base_cache[site].expand(n, *base_cache[site].shape[1:]), site)
+        _, cache = adapter.run_from(batch, site, patched, capture=metric.capture)
+    else:
+        _, cache = adapter.run_from(batch, start, base_cache[start].expand(n, *base_cache[start].shape[1:]),
+                                    capture=metric.capture, interventions={site: edit})
+    return metric(cache, batch)
+
+
+def base_runs(adapter: Adapter, clean: Batch, corrupt: Batch, sites: list[str], metric: Metric,
+              corrupt_interventions: dict[str, Intervention] | None = None):
+    """The clean and corrupt runs of one pair: (metric clean, metric corrupt, clean cache, corrupt
+    cache), the caches holding `sites`, the metric's sites and where patched runs resume."""
+    capture = list(dict.fromkeys([*sites, *(resume_site(s, metric) for s in sites), *metric.capture]))
+    _, clean_cache = adapter.run(clean, capture=capture)
+    _, corrupt_cache = adapter.run(corrupt, capture=capture, interventions=corrupt_interventions)
+    return float(metric(clean_cache, clean)[0]), float(metric(corrupt_cache, corrupt)[0]), clean_cache, corrupt_cache
+
+
 def patch_pair(adapter: Adapter, clean: Batch, corrupt: Batch, sites: list[str],
                windows: list[tuple[int, int]], metric: Metric, max_batch: int = 16,
                corrupt_interventions: dict[str, Intervention] | None = None,
@@ -90,11 +130,8 @@ def patch_pair(adapter: Adapter, clean: Batch, corrupt: Batch, sites: list[str],
     `corrupt_interventions` make the corrupt run from the corrupt input (e.g. embedding noise);
     patched runs start from the corrupt run's cached activations, so they carry the edit too.
     `cells` (e.g. `top_cells` of attribution patching) limits the grid to those cells."""
-    capture = list(dict.fromkeys([*sites, *metric.capture]))
-    _, clean_cache = adapter.run(clean, capture=capture)
-    _, corrupt_cache = adapter.run(corrupt, capture=capture, interventions=corrupt_interventions)
-    m_clean = float(metric(clean_cache, clean)[0])
-    m_corrupt = float(metric(corrupt_cache, corrupt)[0])
+    m_clean, m_corrupt, clean_cache, corrupt_cache = base_runs(adapter, clean, corrupt, sites, metric,
+                                                               corrupt_interventions)
     gap = m_clean - m_corrupt
     rows = []
     runs = (("denoising", corrupt, corrupt_cache, clean_cache), ("noising", clean, clean_cache, corrupt_cache))
@@ -104,11 +141,9 @@ def patch_pair(adapter: Adapter, clean: Batch, corrupt: Batch, sites: list[str],
             todo = windows if cells is None else [w for w in windows if (direction, site, w[0]) in cells]
             for lo in range(0, len(todo), max_batch):
                 chunk = todo[lo:lo + max_batch]
-                batch = base.repeat(len(chunk))
                 # Everything before `site` equals the base run: start there from its cached activation.
-                patched = window_setter(donor, chunk)(base_cache[site].expand(len(chunk), -1, -1), site)
-                _, cache = adapter.run_from(batch, site, patched, capture=metric.capture)
-                values = metric(cache, batch).tolist()
+                values = run_patched(adapter, base.repeat(len(chunk)), site, base_cache,
+                                     window_setter(donor, chunk), metric).tolist()
                 for (a, b), raw in zip(chunk, values):
                     rows.append({
                         "method": "exact", "direction": direction, "site": site, "depth": parse_site(site).depth,
@@ -132,13 +167,18 @@ def top_cells(rows: pd.DataFrame, k: int) -> set[Cell]:
     return set(zip(top["direction"], top["site"], top["frame_start"].astype(int)))
 
 
-def summarise(effects: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+SUMMARY_KEYS = ("method", "direction", "site", "depth", "frame_start", "frame_end", "start_s", "end_s")
+
+
+def summarise(effects: pd.DataFrame, n_boot: int = 1000, seed: int = 0, keys: tuple[str, ...] = SUMMARY_KEYS,
+              order: tuple[str, ...] = ("method", "direction", "depth", "frame_start")) -> pd.DataFrame:
     """Mean normalised effect over pairs per (direction, site, window) with a percentile bootstrap
-    95% interval over pairs. Pairs that could not be normalised are left out and counted."""
+    95% interval over pairs. Pairs that could not be normalised are left out and counted. `keys`
+    name a cell (head-level patching adds the head), `order` sorts the cells."""
     rng = np.random.default_rng(seed)
     if "method" not in effects:
         effects = effects.assign(method="exact")
-    keys = ["method", "direction", "site", "depth", "frame_start", "frame_end", "start_s", "end_s"]
+    keys = list(keys)
     rows = []
     for key, g in effects.groupby(keys, sort=True):
         v = g["normalised"].dropna().to_numpy()
@@ -153,4 +193,4 @@ def summarise(effects: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.Da
         else:
             row["ci_low"] = row["ci_high"] = np.nan
         rows.append(row)
-    return pd.DataFrame(rows).sort_values(["method", "direction", "depth", "frame_start"]).reset_index(drop=True)
+    return pd.DataFrame(rows).sort_values(list(order)).reset_index(drop=True)

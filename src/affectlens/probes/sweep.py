@@ -632,7 +632,8 @@ def probe_sweep(store: Store | str | Path, manifest: pd.DataFrame, sites: Sequen
                 pairs: Sequence[Sequence[str]] = (), regression_columns: Sequence[str] = (),
                 split_column: str | None = None, baseline: np.ndarray | None = None,
                 alphas: Sequence[float] = DEFAULT_ALPHAS, n_boot: int = 1000, max_iter: int = 1000,
-                representation_path: str | Path | None = None, effect_size: float = 0.5) -> pd.DataFrame:
+                representation_path: str | Path | None = None, effect_size: float = 0.5,
+                normalise: str = "none") -> pd.DataFrame:
     """Probe every site of an activation store (all sites when `sites` is None) for the manifest's
     `label_column`, the concept `pairs` and the `regression_columns`, held out by `group_column`
     (speakers) or by the official splits in `split_column`.
@@ -640,13 +641,20 @@ def probe_sweep(store: Store | str | Path, manifest: pd.DataFrame, sites: Sequen
     `baseline` [manifest clip, feature] (acoustic features in manifest order) is probed as the
     pseudo-site `acoustic.mfcc_stats`, through the same folds, null and control.
 
+    `normalise` = "speaker" z-scores every site's features (the baseline's too) over each
+    `group_column` group's own clips before probing (`probes.normalise`); "none" reads them as stored.
+
     Returns the tidy metrics table (one row per site x probe x split x metric). The confusion
     matrices (summed over folds), the per-fold values and the representation statistics are
     written as tidy TSVs to the given paths; `sweep_tasks` has them all in memory.
     Cost: (n_permutations + 2) probe fits per site, task and fold, fit in batches that share
     each matrix product."""
     from affectlens.probes.baseline import ACOUSTIC_SITE
+    from affectlens.probes.normalise import normalise as normalised
     from affectlens.probes.representation import representation_stats
+
+    if normalise not in ("none", "speaker"):
+        raise ValueError(f"probe.normalise = {normalise!r}: the sweep normalises `none` or `speaker`")
 
     st, owned = _open(store)
     try:
@@ -664,9 +672,8 @@ def probe_sweep(store: Store | str | Path, manifest: pd.DataFrame, sites: Sequen
         groups = manifest[group_column].astype(str).to_numpy()
 
         def get(site):
-            if site == ACOUSTIC_SITE:
-                return np.asarray(baseline, dtype=np.float64)
-            return read_pooled(st, site, rows)
+            X = np.asarray(baseline, dtype=np.float64) if site == ACOUSTIC_SITE else read_pooled(st, site, rows)
+            return normalised(X, groups, normalise)
 
         def extra(site, X):
             if representation_path is None:

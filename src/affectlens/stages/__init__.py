@@ -4,5 +4,5 @@ The Snakemake scripts in workflow/scripts/ only unpack `snakemake` into these fu
 call exactly what the workflow calls: `stages.steer.steer(...)` is what rule steer runs.
 """
 
-from affectlens.stages import common, concepts, data, extract, patch, probe, sae, steer  # noqa: F401
+from affectlens.stages import common, concepts, data, extract, patch, probe, sae, steer, transfer  # noqa: F401
 from affectlens.stages.common import logged, write_tsv  # noqa: F401

@@ -53,10 +53,11 @@ def record_rejections(rejections: list[dict], out_rejected, kept_rejected=None) 
 def manifest(raw_dir, dataset: str, dataset_cfg: dict, out_manifest, out_rejected, kept_rejected=None) -> None:
     """The dataset's manifest, validated; annotations without a clip and clips that are missing,
     unreadable, empty, silent, mis-cut or out of the duration range are left out, each with its
-    reason in out_rejected (and kept_rejected, a copy that survives a failed job)."""
+    reason in out_rejected (and kept_rejected, a copy that survives a failed job). Clips that are
+    texts alone (`sources.text_only`) have no media to check."""
     from affectlens.data.checks import check_clips
     from affectlens.data.manifest import read_manifest, validate_manifest, write_manifest
-    from affectlens.data.sources import VIDEO_SOURCES, build
+    from affectlens.data.sources import VIDEO_SOURCES, build, text_only
 
     source = dataset_cfg["source"]
     where = kept_rejected or out_rejected
@@ -73,12 +74,15 @@ def manifest(raw_dir, dataset: str, dataset_cfg: dict, out_manifest, out_rejecte
     if label_column not in m.columns:
         raise ValueError(f"datasets.{dataset}.label_column = {label_column!r} is not a manifest column "
                          f"({list(m.columns)})")
-    kept, bad = check_clips(m, mode=dataset_cfg.get("clip_check", "decode"),
-                            media="video" if source in VIDEO_SOURCES else "audio",
-                            min_duration=dataset_cfg.get("min_duration", 0.2),
-                            max_duration=dataset_cfg.get("max_duration", 30.0),
-                            max_mismatch=dataset_cfg.get("max_duration_mismatch"),
-                            jobs=dataset_cfg.get("check_jobs", 1))
+    if text_only(dataset, dataset_cfg):
+        kept, bad = m, []
+    else:
+        kept, bad = check_clips(m, mode=dataset_cfg.get("clip_check", "decode"),
+                                media="video" if source in VIDEO_SOURCES else "audio",
+                                min_duration=dataset_cfg.get("min_duration", 0.2),
+                                max_duration=dataset_cfg.get("max_duration", 30.0),
+                                max_mismatch=dataset_cfg.get("max_duration_mismatch"),
+                                jobs=dataset_cfg.get("check_jobs", 1))
     record_rejections(rejections + bad, out_rejected, kept_rejected)
     if kept.empty:
         raise ValueError(f"dataset {dataset!r}: none of {len(m)} clips is usable; the reasons are in {where} "
@@ -88,19 +92,25 @@ def manifest(raw_dir, dataset: str, dataset_cfg: dict, out_manifest, out_rejecte
 
 
 def decode(manifest_path, dataset_cfg: dict, out_audio, out_frames, out_manifest, out_rejected,
-           threads: int = 1, kept_rejected=None) -> None:
+           threads: int = 1, kept_rejected=None, dataset: str = "") -> None:
     """Decode every clip's audio to 16 kHz mono FLAC and, for datasets with video, sample frames
     at the configured rate into one .npz per clip; clips that fail are rejected with a reason
-    (in out_rejected, kept_rejected and the log); when none is left the stage fails."""
+    (in out_rejected, kept_rejected and the log); when none is left the stage fails. Clips that
+    are texts alone (`sources.text_only`) pass on unchanged: there is nothing to decode."""
     from affectlens.data.decode import decode_manifest
     from affectlens.data.manifest import read_manifest, write_manifest
-    from affectlens.data.sources import VIDEO_SOURCES
+    from affectlens.data.sources import VIDEO_SOURCES, text_only
     from affectlens.data.video import decode_frames
 
     m = read_manifest(manifest_path)
     source, rejected = dataset_cfg["source"], []
     Path(out_audio).mkdir(parents=True, exist_ok=True)
     Path(out_frames).mkdir(parents=True, exist_ok=True)
+    if text_only(dataset, dataset_cfg):
+        record_rejections([], out_rejected, kept_rejected)
+        write_manifest(m, out_manifest)
+        log.info("%d clips are texts alone: nothing to decode", len(m))
+        return
     if source in VIDEO_SOURCES or source == "meld":
         m, bad = decode_frames(m, out_frames, n_jobs=threads, **dataset_cfg["video"])
         rejected += bad

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from affectlens.naming import heatmap_stem
 from affectlens.stages.common import write_tsv
 
 from affectlens.models import build_adapter
@@ -20,19 +21,23 @@ log = logging.getLogger("affectlens")
 
 def patch(store_path, manifest_path, model_cfg: ModelConfig | dict, contrast: dict, params: PatchConfig | dict,
           label_column: str,
-          out_pairs, out_effects, out_summary, out_agreement=None) -> None:
+          out_pairs, out_effects, out_summary, out_agreement=None, out_heads=None, out_heads_summary=None) -> None:
     """Exact patching (and, with `attribution`, its gradient estimate on the same grid) of every
     stored site × time window for one contrast; with `exact: top_k`, exact patching runs only on
     each pair's `top_k` cells per direction by attribution effect. The corrupt run comes from the
     strategy named by `corruption` (affectlens.patching.corruptions): the paired clip (`pairs`),
     the clean clip with embedding noise (`noise`) or the clean clip with its prosody neutralised
-    (`prosody_neutral`)."""
+    (`prosody_neutral`). Stored attn_heads sites are patched head by head instead
+    (affectlens.patching.heads; `patch.heads` says over which spans) into `out_heads` and
+    `out_heads_summary` (tables without rows when there are none): the whole attn_heads site
+    patched at once is the block's attn_out patch."""
     from tqdm import tqdm
 
     from affectlens.data.decode import decode_clip
     from affectlens.data.manifest import read_manifest
     from affectlens.patching.attribution import agreement, attribute_pair
     from affectlens.patching.corruptions import CorruptionContext, corruption_strategy
+    from affectlens.patching.heads import HEAD_KEYS, attribute_heads_pair, patch_heads_pair, summarise_heads
     from affectlens.patching.patch import ProbeLogitDiff, patch_pair, summarise, time_windows, top_cells
     from affectlens.probes.sweep import fit_readout
     from affectlens.store import Store
@@ -53,6 +58,12 @@ def patch(store_path, manifest_path, model_cfg: ModelConfig | dict, contrast: di
         if len(sites) < len(store.sites):
             log.info("patching skips %s: read while speech is generated, not by the prompt forward",
                      sorted(set(store.sites) - set(sites)))
+        heads = head_sites(store, sites) if params.heads != "none" and out_heads is not None else {}
+        if heads:
+            log.info("patching heads (%s) of %s", params.heads, heads)
+        elif any(parse_site(s).point == "attn_heads" for s in sites):
+            log.info("attn_heads sites are not patched (patch.heads: none, or no head tables asked for)")
+        sites = [s for s in sites if parse_site(s).point != "attn_heads"]
         readout_site = pick_readout(model_cfg.readout_site, store.sites, generated)
         probe = fit_readout(store, manifest, readout_site, label_column=label_column)
         corruption = strategy.setup(CorruptionContext(params=params, adapter=adapter, manifest=manifest, store=store,
@@ -66,7 +77,8 @@ def patch(store_path, manifest_path, model_cfg: ModelConfig | dict, contrast: di
     write_tsv(pairs, out_pairs)
     size = int(round(params.window_s * adapter.frame_rate))
     stride = max(1, int(round(params.stride_s * adapter.frame_rate)))
-    effects = []
+    scopes = HEAD_SCOPES[params.heads]
+    effects, head_effects = [], []
     for pair in tqdm(pairs.itertuples(), total=len(pairs), desc="patch pairs", unit="pair"):
         clean_wave = decode_clip(by_id.loc[pair.clean_clip, "path"])
         clean = adapter.prepare([clean_wave])
@@ -79,7 +91,21 @@ def patch(store_path, manifest_path, model_cfg: ModelConfig | dict, contrast: di
         df = pd.concat([df, attr], ignore_index=True)
         df.insert(0, "pair_id", pair.pair_id)
         effects.append(df)
+        if heads:
+            n = max(clean.n_frames[0], corrupt.n_frames[0])
+            hd = patch_heads_pair(adapter, clean, corrupt, heads, windows, n, metric, params.max_batch,
+                                  corrupt_interventions=noise, scopes=scopes)
+            if params.attribution:
+                hd = pd.concat([hd, attribute_heads_pair(adapter, clean, corrupt, heads, windows, n, metric, noise,
+                                                         scopes)], ignore_index=True)
+            hd.insert(0, "pair_id", pair.pair_id)
+            head_effects.append(hd)
     effects = pd.concat(effects, ignore_index=True)
+    if out_heads is not None:
+        head_effects = (pd.concat(head_effects, ignore_index=True) if head_effects
+                        else pd.DataFrame(columns=["pair_id", *HEAD_KEYS, "raw", "clean", "corrupt", "normalised"]))
+        write_tsv(head_effects, out_heads)
+        write_tsv(summarise_heads(head_effects, seed=params.seed).assign(**corruption.columns()), out_heads_summary)
     write_tsv(effects, out_effects)
     summary = summarise(effects, seed=params.seed).assign(**corruption.columns())
     write_tsv(summary, out_summary)
@@ -92,6 +118,26 @@ def patch(store_path, manifest_path, model_cfg: ModelConfig | dict, contrast: di
             log.info("attribution vs exact, %s: Spearman %.3f, top cell %s (exact %s, attribution %s)",
                      r.direction, r.spearman, "agrees" if r.top_agree else "differs", r.top_exact, r.top_attribution)
         write_tsv(agree, out_agreement)
+
+
+HEAD_SCOPES = {"none": (), "span": ("span",), "windows": ("span", "window")}
+"""`patch.heads` -> the spans each head is patched over (affectlens.patching.heads.SCOPES)."""
+HEADS_SUMMARY = "heads_summary.tsv"
+"""The head-level summary beside a patch summary (the rule `patch` names it; heatmaps reads it there)."""
+
+
+def head_sites(store, sites: list[str]) -> dict[str, int]:
+    """{attn_heads site: its head count as the store records it} among `sites`."""
+    out = {}
+    for s in sites:
+        if parse_site(s).point != "attn_heads":
+            continue
+        n = store.site_attrs(s).get("n_heads")
+        if n is None:
+            raise ValueError(f"{store.path}: site {s} records no n_heads (written before head counts were "
+                             "stored): delete the store and rerun extract")
+        out[s] = int(n)
+    return out
 
 
 def heatmaps(summaries: dict[str, list[dict]], out_dir) -> None:
@@ -107,7 +153,6 @@ def heatmaps(summaries: dict[str, list[dict]], out_dir) -> None:
     for study, items in summaries.items():
         for item in items:
             dataset, model, contrast, p = item["dataset"], item["model"], item["contrast"], item["summary"]
-            name = f"{dataset}__{model}__{contrast}"
             summary = pd.read_csv(p, sep="\t")
             how = corruption_heading(summary)
             n = int(summary["n_pairs"].max())
@@ -115,7 +160,7 @@ def heatmaps(summaries: dict[str, list[dict]], out_dir) -> None:
             vmax = color_limit(summary)  # one scale for exact and attribution, so colours compare
             maps = []
             for method in methods_of(summary):
-                stem = name if method == "exact" else f"{name}__{method}"
+                stem = heatmap_stem(dataset, model, contrast, method=method)
                 rows = summary if "method" not in summary else summary[summary["method"] == method]
                 plot_patch_heatmap(summary, out_dir / study / f"{stem}.png", title, method=method, vmax=vmax)
                 write_tsv(rows, out_dir / study / f"{stem}.tsv")
@@ -132,7 +177,41 @@ def heatmaps(summaries: dict[str, list[dict]], out_dir) -> None:
                                  for r in agree.itertuples())
             entries.append({"study": study, "title": title, "png": maps[0]["png"], "tsv": maps[0]["tsv"],
                             "maps": maps, "note": note})
+            entries += _head_maps(Path(p).with_name(HEADS_SUMMARY), out_dir, study, (dataset, model, contrast), title)
     write_index(entries, out_dir / "index.html")
+
+
+def _head_maps(heads_tsv: Path, out_dir: Path, study: str, name: tuple[str, str, str], title: str) -> list[dict]:
+    """Render the head-level maps of one patch summary into out_dir/{study}/ with their numbers:
+    one index entry per map kind (block × head, head × time window), exact and attribution side
+    by side on one colour scale; [] when the summary has no head cells."""
+    from affectlens.viz.heads import MAPS, plot_head_heatmap
+    from affectlens.viz.heatmap import color_limit, methods_of
+
+    if not heads_tsv.exists() or heads_tsv.stat().st_size == 0:
+        return []
+    heads = pd.read_csv(heads_tsv, sep="\t")
+    if heads.empty:
+        return []
+    vmax = color_limit(heads)
+    entries = []
+    for kind, (scope, _) in MAPS.items():
+        label = {"heads": "block × head (each head over the whole clip)",
+                 "head_windows": "head × time window"}[kind]
+        maps = []
+        for method in methods_of(heads):
+            stem = heatmap_stem(*name, kind=kind, method=method)
+            png = plot_head_heatmap(heads, kind, out_dir / study / f"{stem}.png", title, method=method, vmax=vmax)
+            if png is None:
+                continue
+            write_tsv(heads[(heads["scope"] == scope) & (heads["method"] == method)], out_dir / study / f"{stem}.tsv")
+            maps.append({"label": {"exact": "exact patching",
+                                   "attribution": "attribution patching (gradient estimate)"}.get(method, method),
+                         "png": f"{study}/{stem}.png", "tsv": f"{study}/{stem}.tsv"})
+        if maps:
+            entries.append({"study": study, "title": f"{title}: heads, {label}", "png": maps[0]["png"],
+                            "tsv": maps[0]["tsv"], "maps": maps, "note": ""})
+    return entries
 
 
 # --- trace (video question answering) --------------------------------------------------------------

@@ -90,7 +90,7 @@ def run_probe_study(store_path, manifest: pd.DataFrame, params: ProbeConfig | di
             confusion_path=outputs["confusion"], folds_path=outputs.get("folds"), n_threads=threads,
             pairs=all_pairs, regression_columns=p.regression_columns, split_column=split_column,
             baseline=baseline, alphas=p.ridge_alphas, n_boot=p.n_boot, max_iter=p.max_iter,
-            representation_path=outputs.get("representation"), effect_size=p.effect_size)
+            representation_path=outputs.get("representation"), effect_size=p.effect_size, normalise=p.normalise)
         held = (f"official splits (fit on train; {', '.join(sorted(set(sweep['split']) - {'speakers'}))})"
                 if split_column else f"{manifest['speaker'].nunique()} speakers held out in turn")
         title = f"{model_id}: probes of {label_column} ({held})"
@@ -98,7 +98,10 @@ def run_probe_study(store_path, manifest: pd.DataFrame, params: ProbeConfig | di
         plot_layer_curve(sweep, outputs["curve"], title=title)
 
         sites_tr = tr.sites
-        sites_tr = [pick_readout(readout_site, store.sites)] if sites_tr is None else list(sites_tr)
+        timed = float(store.attrs.get("frame_rate", 0) or 0) > 0  # a text encoder's positions are tokens
+        if sites_tr is None and not timed:
+            log.info("%s has no time axis (frame_rate 0: positions are tokens); no time-resolved probe", store_path)
+        sites_tr = ([pick_readout(readout_site, store.sites)] if timed else []) if sites_tr is None else list(sites_tr)
         if outputs.get("time_resolved"):
             if sites_tr:
                 curves, rep_bins = time_resolved(
@@ -121,7 +124,8 @@ def run_probe_study(store_path, manifest: pd.DataFrame, params: ProbeConfig | di
                 write_tsv(pd.concat([pooled, *variation, rep_bins], ignore_index=True), outputs["representation"])
             if outputs.get("time_curve"):
                 if curves.empty:
-                    _placeholder(outputs["time_curve"], "no time-resolved probe: probe.time_resolved.sites is empty")
+                    _placeholder(outputs["time_curve"], "no time-resolved probe: probe.time_resolved.sites is empty"
+                                 if timed else "no time-resolved probe: the positions are tokens, not time")
                 else:
                     plot_time_curve(curves, outputs["time_curve"],
                                     title=f"{model_id}: {label_column} probes per {tr.bin_s:g} s bin")

@@ -56,7 +56,7 @@ def steer(store_path, manifest_path, model_cfg: dict, contrast: dict, params: di
     corpus, read_site, sae = _corpus(store_path, manifest, model, cfg, label_column, adapter, hear, new_mapper,
                                      {n: (judge_models[n], p) for n, p in (judge_stores or {}).items()}, sae_dir,
                                      threads)
-    judges = _judge_factory(corpus, cfg, tgt, adapter, read_site, judge_models)
+    judges = _judge_factory(corpus, cfg, tgt, adapter, read_site, judge_models, threads)
     methods = [m for m in cfg.methods if m != "pca" or corpus.pair_keys is not None]
     if len(methods) < len(cfg.methods):
         log.warning("method pca left out: the manifest has no pair_key column to pair clips across emotions")
@@ -82,8 +82,8 @@ def steer(store_path, manifest_path, model_cfg: dict, contrast: dict, params: di
                         **round_trip_quality(fit.mapper, site_frames(adapter, wave, hear), wave, vocoder=vocoder,
                                              sr=corpus.sr)})
         reference, reference_source = _reference(manifest, i, fit.judges, wave)
-        for out in outputs:
-            numbers, transcript, name, mark = _judge_output(out, clip_id, wave, reference, fit.judges, cfg, out_dir)
+        for out, (numbers, transcript, name, mark) in zip(outputs, _judge_outputs(outputs, clip_id, wave, reference,
+                                                                                   fit.judges, cfg, out_dir)):
             for o in ex.shared_zero(out, methods, list(cfg.controls), len(fit.random_vectors)):
                 records.append({"clip_id": clip_id, "speaker": spk, "method": o.method, "kind": o.kind,
                                 "output": "original" if o.kind == "original" else f"{o.alpha:g}",
@@ -178,7 +178,8 @@ def _corpus(store_path, manifest, model: ModelConfig, cfg: SteerConfig, label_co
     return corpus, read, sae
 
 
-def _judge_factory(corpus, cfg: SteerConfig, target: str, adapter, read_site: str, judge_models: dict):
+def _judge_factory(corpus, cfg: SteerConfig, target: str, adapter, read_site: str, judge_models: dict,
+                   threads: int = 1):
     """judges(others, pair) -> Judges fit on the rows `pair` (the other speakers' source and target clips);
     each judge model (built once) reads its own readout site."""
     from affectlens.probes.linear import LinearProbe
@@ -187,12 +188,12 @@ def _judge_factory(corpus, cfg: SteerConfig, target: str, adapter, read_site: st
 
     asr = build_adapter({"family": "whisper", "source": cfg.asr_source, "sites": ["encoder.embed"]})
     try:
-        from affectlens.steering.speaker import _encoder, speaker_similarity
+        from affectlens.steering.speaker import _encoder, speaker_similarities
 
         _encoder()
     except ImportError as e:
         log.warning("no speaker_similarity column (NaN): %s", e)
-        speaker_similarity = None
+        speaker_similarities = None
 
     built = {}
     for name, m in judge_models.items():
@@ -205,7 +206,7 @@ def _judge_factory(corpus, cfg: SteerConfig, target: str, adapter, read_site: st
                    for name, (a, site) in built.items()]
         return Judges(target, adapter, read_site, LinearProbe().fit(corpus.read_pooled[pair], labels[pair]),
                       AcousticJudge().fit_features(corpus.acoustic[pair], labels[pair]), others_, cfg.judge_level_db,
-                      corpus.sr, asr, speaker_similarity)
+                      corpus.sr, asr, speaker_similarities, n_jobs=threads)
 
     return judges
 
@@ -221,20 +222,27 @@ def _reference(manifest, i: int, judges, wave) -> tuple[str, str]:
     return transcribe(judges.asr, wave), "asr"
 
 
-def _judge_output(out, clip_id, original, reference, judges, cfg: SteerConfig, out_dir: Path):
-    """(numbers, transcript, file name, watermark level) of one output: the original is judged as it
-    is; any other output is written watermarked and what was written is read back and judged."""
+def _judge_outputs(outputs, clip_id, original, reference, judges, cfg: SteerConfig, out_dir: Path):
+    """(numbers, transcript, file name, watermark level) per output of one clip: the original is
+    judged as it is; every other output is written watermarked and what was written is read back
+    and judged (all of the clip's outputs in one `judge_many`)."""
     from affectlens.naming import PRIMARY_METHOD, steered_wav_name
     from affectlens.steering.watermark import load_any, write_steered_audio
 
-    if out.kind == "original":
-        numbers, transcript = judges.judge(original, original, reference)
-        return numbers, transcript, "", np.nan
-    name = steered_wav_name(clip_id, PRIMARY_METHOD if out.method == "all" else out.method, out.alpha, out.seed)
-    mark = write_steered_audio(out_dir / "audio" / name, out.wave, judges.sr, key=cfg.watermark_key,
-                               snr_db=cfg.watermark_snr_db)
-    numbers, transcript = judges.judge(load_any(out_dir / "audio" / name)[0], original, reference)
-    return numbers, transcript, name, mark
+    heard, names, marks = [], [], []
+    for out in outputs:
+        if out.kind == "original":
+            heard.append(original)
+            names.append("")
+            marks.append(np.nan)
+            continue
+        name = steered_wav_name(clip_id, PRIMARY_METHOD if out.method == "all" else out.method, out.alpha, out.seed)
+        marks.append(write_steered_audio(out_dir / "audio" / name, out.wave, judges.sr, key=cfg.watermark_key,
+                                         snr_db=cfg.watermark_snr_db))
+        heard.append(load_any(out_dir / "audio" / name)[0])
+        names.append(name)
+    judged = judges.judge_many(heard, original, reference)
+    return [(numbers, transcript, name, mark) for (numbers, transcript), name, mark in zip(judged, names, marks)]
 
 
 def steer_music(store_path, manifest_path, model: ModelConfig, contrast: dict, cfg: SteerConfig, label_column: str,

@@ -83,38 +83,66 @@ class Judges:
     level_db: float
     sr: int
     asr: object | None = None
-    speaker_similarity: Callable | None = None
+    speaker_similarity: Callable | None = None  # (original, [wave], sr) -> [similarity]
+    n_jobs: int = 1
 
     @property
     def columns(self) -> list[str]:
         return ["p_target_model_probe", "p_target_acoustic"] + [f"p_target_{j.name}" for j in self.others]
 
     def judge(self, wave: np.ndarray, original: np.ndarray, reference: str) -> tuple[dict, str]:
-        """(numbers, transcript) of one output: judges' P(target) at one active level, prosody and
-        level of the raw output, word error rate against `reference`, speaker similarity."""
-        from affectlens.acoustics import acoustic_features, prosody, relevel
-        from affectlens.steering.text import transcribe, word_error_rate
+        """(numbers, transcript) of one output (`judge_many` of one wave)."""
+        return self.judge_many([wave], original, reference)[0]
 
-        level = relevel(wave, self.sr, self.level_db)
-        out = {"p_target_model_probe": _probe_target(self.adapter, self.readout_site, self.probe, level, self.target)}
-        features = acoustic_features(level, self.sr)[None]
-        proba = self.acoustic.predict_proba_features(features)[0]
-        out["p_target_acoustic"] = float(proba[list(self.acoustic.classes_).index(self.target)])
-        for j in self.others:
-            out[f"p_target_{j.name}"] = _probe_target(j.adapter, j.site, j.probe, level, self.target)
-        out |= prosody(wave, self.sr)
-        transcript = transcribe(self.asr, wave) if self.asr is not None else ""
-        out["wer_vs_original"] = word_error_rate(reference, transcript) if self.asr is not None else np.nan
-        out["speaker_similarity"] = (self.speaker_similarity(original, wave, self.sr)
-                                     if self.speaker_similarity else np.nan)
-        return out, transcript
+    def judge_many(self, waves: list[np.ndarray], original: np.ndarray, reference: str,
+                   batch_size: int = 8) -> list[tuple[dict, str]]:
+        """(numbers, transcript) per output wave of one clip: judges' P(target) at one active level,
+        prosody and level of the raw output, word error rate against `reference`, speaker
+        similarity to `original`. The probes' forwards and the transcripts run in batches of
+        `batch_size`, the acoustic measures over `n_jobs` processes; each wave's numbers are those
+        it gets alone (up to the batched forward's float rounding)."""
+        from affectlens.acoustics import relevel
+        from affectlens.steering.oneclip import pooled_frames
+        from affectlens.steering.text import transcribe_many, word_error_rate
+
+        levels = [relevel(w, self.sr, self.level_db) for w in waves]
+        out = [{} for _ in waves]
+        probes = [("p_target_model_probe", self.adapter, self.readout_site, self.probe)]
+        probes += [(f"p_target_{j.name}", j.adapter, j.site, j.probe) for j in self.others]
+        for column, adapter, site, probe in probes:
+            p = probe.predict_proba(pooled_frames(adapter, levels, site, batch_size))[:, _index(probe, self.target)]
+            for o, v in zip(out, p):
+                o[column] = float(v)
+        acoustic = _map(_acoustic_and_prosody, [(lv, w, self.sr) for lv, w in zip(levels, waves)], self.n_jobs)
+        p = self.acoustic.predict_proba_features(np.stack([a for a, _ in acoustic]))[:, _index(self.acoustic, self.target)]
+        for o, v, (_, pros) in zip(out, p, acoustic):
+            o["p_target_acoustic"] = float(v)
+            o |= pros
+        transcripts = transcribe_many(self.asr, waves, batch_size) if self.asr is not None else [""] * len(waves)
+        similarity = self.speaker_similarity(original, waves, self.sr) if self.speaker_similarity else None
+        for i, o in enumerate(out):
+            o["wer_vs_original"] = word_error_rate(reference, transcripts[i]) if self.asr is not None else np.nan
+            o["speaker_similarity"] = float(similarity[i]) if similarity is not None else np.nan
+        return [(o, t) for o, t in zip(out, transcripts)]
 
 
-def _probe_target(adapter, site: str, probe, wave: np.ndarray, target: str) -> float:
-    from affectlens.steering.oneclip import site_frames
+def _index(estimator, target: str) -> int:
+    return list(estimator.classes_).index(target)
 
-    pooled = site_frames(adapter, wave, site).mean(0)[None]
-    return float(probe.predict_proba(pooled)[0, list(probe.classes_).index(target)])
+
+def _acoustic_and_prosody(level: np.ndarray, raw: np.ndarray, sr: int) -> tuple[np.ndarray, dict]:
+    """The acoustic judge's features of the level-normalised wave, and the raw wave's prosody."""
+    from affectlens.acoustics import acoustic_features, prosody
+
+    return acoustic_features(level, sr), prosody(raw, sr)
+
+
+def _map(fn, args: list[tuple], n_jobs: int) -> list:
+    if n_jobs == 1 or len(args) < 2:
+        return [fn(*a) for a in args]
+    from joblib import Parallel, delayed
+
+    return Parallel(n_jobs=n_jobs)(delayed(fn)(*a) for a in args)
 
 
 @dataclass

@@ -60,6 +60,17 @@ def site_frames(adapter, wave: np.ndarray, site: str, interventions: dict | None
     return cache[site][0, :n].float().cpu().numpy()
 
 
+def pooled_frames(adapter, waves: list[np.ndarray], site: str, batch_size: int = 8) -> np.ndarray:
+    """[clip, d]: each clip's mean activation at `site` over its own frames, forwards in batches."""
+    out = []
+    for i in range(0, len(waves), batch_size):
+        batch = adapter.prepare(waves[i:i + batch_size])
+        _, cache = adapter.run(batch, capture=[site])
+        acts = cache[site]
+        out += [acts[j, :n].float().mean(0).cpu().numpy() for j, n in enumerate(batch.n_frames)]
+    return np.stack(out)
+
+
 def reference_axis(adapter, site: str, ref_from: list[np.ndarray], ref_to: list[np.ndarray]) -> np.ndarray:
     """[d]: mean pooled activation of the `to` clips minus that of the `from` clips."""
     pooled = lambda waves: np.mean([site_frames(adapter, w, site).mean(0) for w in waves], axis=0)  # noqa: E731

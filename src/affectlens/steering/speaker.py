@@ -39,5 +39,14 @@ def speaker_embedding(wave: np.ndarray, sr: int) -> np.ndarray:
 
 def speaker_similarity(wave_a: np.ndarray, wave_b: np.ndarray, sr: int) -> float:
     """Cosine similarity of the two clips' speaker embeddings (1 = same voice)."""
-    a, b = speaker_embedding(wave_a, sr), speaker_embedding(wave_b, sr)
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+    return speaker_similarities(wave_a, [wave_b], sr)[0]
+
+
+def speaker_similarities(original: np.ndarray, waves: list[np.ndarray], sr: int) -> list[float]:
+    """`speaker_similarity` of each wave to `original`, embedding the original once."""
+    a = speaker_embedding(original, sr)
+    out = []
+    for w in waves:
+        b = speaker_embedding(w, sr)
+        out.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))))
+    return out

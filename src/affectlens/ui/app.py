@@ -14,6 +14,8 @@ from affectlens.ui.index import NO_STUDY, index_results
 
 FILES = "/files/"
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+# how a heatmap's kind reads in its caption (the site × time window map needs no words)
+MAP_LABELS = {"heads": "heads, block × head, ", "head_windows": "heads, head × time window, "}
 # evaluation.tsv columns shown, in this order (others that exist are left out of the table, not the file)
 EVAL_COLUMNS = ["output", "alpha", "p_target_model_probe", "p_target_acoustic", "f0_mean_hz", "f0_range_st",
                 "active_rms_db", "wer_vs_original", "speaker_similarity", "transcript"]
@@ -62,6 +64,24 @@ def concept_list(concepts: list[dict]):
                      for c in concepts])]
 
 
+def transfer_section(entries: list[dict]):
+    """A study's transfer results: per model, its figures and links to its tables."""
+    from dash import html
+
+    if not entries:
+        return [html.P("No transfer results for this study (studies with two or more datasets).", className="note")]
+    out = []
+    for e in entries:
+        links = [html.A("numbers (transfer.tsv)", href=file_url(e["table"]))]
+        if e["axes"]:
+            links += [" · ", html.A("axes.tsv", href=file_url(e["axes"]))]
+        out += [html.H3(e["model"]), html.Div(links),
+                html.Div([html.Figure([html.Img(src=file_url(f["path"]), className="figure transfer", alt=f["name"]),
+                                       html.Figcaption(f["name"].replace("_", " "))]) for f in e["figures"]],
+                         className="grid")]
+    return out
+
+
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
 h1 { font-size: 1.4em; } h2 { font-size: 1.15em; border-bottom: 1px solid #ccc; margin-top: 1.6em; }
@@ -88,8 +108,8 @@ def create_app(root: str | Path):
     root = Path(root).resolve()
     index = index_results(root)
     runs, studies = index["runs"], index["studies"]
-    if not runs:
-        raise ValueError(f"{root} holds no probe, patch, heatmap, SAE or steering results")
+    if not runs and not index["transfer"]:
+        raise ValueError(f"{root} holds no probe, patch, heatmap, SAE, steering or transfer results")
 
     app = Dash(__name__, title="affectlens results", serve_locally=True)
     app.index_string = app.index_string.replace("{%css%}", "{%css%}<style>" + CSS + "</style>")
@@ -123,6 +143,7 @@ def create_app(root: str | Path):
         ], className="pickers"),
         html.H2("Activation-patching heatmaps"), html.Div(id="heatmaps"),
         html.H2("Probes"), html.Div(id="probes"),
+        html.H2("Transfer across corpora"), html.Div(id="transfer"),
         html.H2("Sparse autoencoders"), html.Div(id="sae"),
         html.H2("Concepts from folders"), html.Div(concept_list(index["concepts"]), id="concepts"),
         html.H2("Steering"),
@@ -150,6 +171,10 @@ def create_app(root: str | Path):
         keys = studies.get(study, [])
         return [{"label": k.replace("/", " × "), "value": k} for k in keys], (keys[0] if keys else None)
 
+    @app.callback(Output("transfer", "children"), Input("study", "value"))
+    def pick_transfer(study):
+        return transfer_section(index["transfer"].get(study, []))
+
     @app.callback(Output("heatmaps", "children"), Output("probes", "children"), Output("sae", "children"),
                   Output("contrast", "options"), Output("contrast", "value"),
                   Input("run", "value"), State("study", "value"))
@@ -160,7 +185,8 @@ def create_app(root: str | Path):
         maps = [h for h in run["heatmaps"] if study == NO_STUDY or h["study"] == study]
         heatmaps = [html.Figure([html.Img(src=file_url(h["png"]), className="figure heatmap",
                                           alt=f"{h['contrast']} {h['method']}"),
-                                 html.Figcaption([f"{h['contrast'].replace('-to-', ' → ')}, {h['method']} patching",
+                                 html.Figcaption([f"{h['contrast'].replace('-to-', ' → ')}, "
+                                                  f"{MAP_LABELS.get(h.get('map'), '')}{h['method']} patching",
                                                   *([" — ", html.A("numbers (TSV)", href=file_url(h["tsv"]))]
                                                     if h["tsv"] else [])])]) for h in maps]
         heatmaps = heatmaps or [html.P("No heatmaps for this run.", className="note")]

@@ -5,14 +5,18 @@ of paths relative to the folder (POSIX), so that the page only ever names files 
 
 Layout read (see workflow/rules/*.smk):
   probe/{dataset}/{model}/sweep.tsv, *.png           probe tables and curves
+  probe_dynamic/{dataset}/{model}/dynamic.png        valence/arousal curves (PMEmo, DEAM), with the probe's
   patch/{dataset}/{model}/{contrast}/summary.tsv     activation patching
-  heatmaps/{study}/{dataset}__{model}__{contrast}[__{method}].png (+ .tsv), heatmaps/index.html
+  heatmaps/{study}/{dataset}__{model}__{contrast}[__{kind}][__{method}].png (+ .tsv), heatmaps/index.html
+                                                     (naming.heatmap_stem: site maps, head-level maps)
   sae/{dataset}/{model}/{site}/dashboard.html, metrics.json
   steer/{dataset}/{model}/{contrast}/audio/{clip}__alpha{a}.wav, evaluation.tsv, summary.tsv,
                                    dose_response.png
   decode/{dataset}/audio/{clip}.flac                 the original clips
   concepts/{concept}/dashboard.html, features.png, features.tsv, probe.tsv, summary.json
                                                      concepts from folders (not tied to a run)
+  transfer/{study}/{model}/transfer.tsv, axes.tsv, *.png
+                                                     probes and axes across a study's datasets
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from affectlens.naming import PRIMARY_METHOD, parse_steered_wav_name
+from affectlens.naming import PRIMARY_METHOD, parse_heatmap_stem, parse_steered_wav_name
 
 NO_STUDY = "(no study)"
 _CONTRAST = re.compile(r"^[A-Za-z0-9_]+-to-[A-Za-z0-9_]+$")
@@ -80,11 +84,13 @@ def index_results(root: str | Path) -> dict:
     "heatmap_index"}.
 
     A run holds `probe` ({"sweep", "figures": [{"name", "path"}]} or None), `heatmaps` ([{"study",
-    "contrast", "method", "png", "tsv"}]), `patch` ({contrast: summary.tsv}), `sae` ([{"site",
+    "contrast", "map" ("sites", "heads", "head_windows"), "method", "png", "tsv"}]), `patch` ({contrast: summary.tsv}), `sae` ([{"site",
     "dashboard", "metrics"}]) and `steer` ({contrast: {"alphas": [labels sorted by value], "clips":
     {clip: {α: wav}}, "originals": {clip: flac or None}, "evaluation", "summary", "dose_response"}}).
     Studies come from heatmaps/{study}/; runs in no study are listed under NO_STUDY. `concepts` lists
-    the finished concept folders: [{"name", "dashboard", "figure", "features", "probe", "summary"}]."""
+    the finished concept folders: [{"name", "dashboard", "figure", "features", "probe", "summary"}]; `transfer`
+    the transfer results by study: {study: [{"model", "table", "axes", "figures": [{"name", "path"}]}]} (a
+    study with transfer results is listed in `studies`, with the runs its heatmaps name, if any)."""
     root = Path(root).resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"no results folder {root}")
@@ -95,8 +101,10 @@ def index_results(root: str | Path) -> dict:
         for m in _subdirs(d):
             if not (m / "sweep.tsv").is_file():
                 continue
-            pngs = sorted(m.glob("*.png"), key=lambda p: (PROBE_FIGURES.index(p.stem) if p.stem in PROBE_FIGURES
-                                                           else len(PROBE_FIGURES), p.name))
+            dynamic = root / "probe_dynamic" / d.name / m.name  # PMEmo / DEAM: the valence/arousal curves
+            pngs = sorted([*m.glob("*.png"), *dynamic.glob("*.png")],
+                          key=lambda p: (PROBE_FIGURES.index(p.stem) if p.stem in PROBE_FIGURES
+                                         else len(PROBE_FIGURES), p.name))
             _run(runs, d.name, m.name)["probe"] = {
                 "sweep": _rel(m / "sweep.tsv", root),
                 "figures": [{"name": p.stem, "path": _rel(p, root)} for p in pngs]}
@@ -109,13 +117,13 @@ def index_results(root: str | Path) -> dict:
 
     for study in _subdirs(root / "heatmaps"):
         for png in sorted(study.glob("*.png")):
-            parts = png.stem.split("__")
-            if len(parts) not in (3, 4) or not _CONTRAST.match(parts[2]):
+            name = parse_heatmap_stem(png.stem)
+            if name is None or not _CONTRAST.match(name.contrast):
                 continue
-            run = _run(runs, parts[0], parts[1])
+            run = _run(runs, name.dataset, name.model)
             tsv = png.with_suffix(".tsv")
-            run["heatmaps"].append({"study": study.name, "contrast": parts[2],
-                                    "method": parts[3] if len(parts) == 4 else "exact", "png": _rel(png, root),
+            run["heatmaps"].append({"study": study.name, "contrast": name.contrast, "map": name.kind,
+                                    "method": name.method, "png": _rel(png, root),
                                     "tsv": _rel(tsv, root) if tsv.is_file() else None})
             keys = studies.setdefault(study.name, [])
             if run["key"] not in keys:
@@ -144,10 +152,22 @@ def index_results(root: str | Path) -> dict:
         if files["summary"].is_file():  # written last: the folder is complete
             concepts.append({"name": c.name, **{k: _rel(p, root) if p.is_file() else None for k, p in files.items()}})
 
+    transfer: dict[str, list[dict]] = {}
+    for study in _subdirs(root / "transfer"):
+        for m in _subdirs(study):
+            if (m / "transfer.tsv").is_file():
+                axes = m / "axes.tsv"
+                transfer.setdefault(study.name, []).append({
+                    "model": m.name, "table": _rel(m / "transfer.tsv", root),
+                    "axes": _rel(axes, root) if axes.is_file() else None,
+                    "figures": [{"name": p.stem, "path": _rel(p, root)} for p in sorted(m.glob("*.png"))]})
+        if study.name in transfer:
+            studies.setdefault(study.name, [])
+
     runs = dict(sorted(runs.items()))
     loose = [k for k in runs if not any(k in keys for keys in studies.values())]
     if loose:
         studies[NO_STUDY] = loose
     index_html = root / "heatmaps" / "index.html"
-    return {"root": str(root), "studies": studies, "runs": runs, "concepts": concepts,
+    return {"root": str(root), "studies": studies, "runs": runs, "concepts": concepts, "transfer": transfer,
             "heatmap_index": _rel(index_html, root) if index_html.is_file() else None}

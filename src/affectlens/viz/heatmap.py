@@ -106,6 +106,8 @@ def write_index(entries: list[dict], path: str | Path) -> Path:
             "panel of each map: denoising (clean activations into the corrupt run: is this cell sufficient?); "
             "right: noising (corrupt into clean: is it necessary?). Attribution patching is the first-order "
             "gradient estimate of the exact map on the same grid; its agreement (Spearman rank correlation and "
-            "whether the top cells match) is given under each title.</p>" + "\n".join(rows))
+            "whether the top cells match) is given under each title. Maps titled <i>heads</i> patch one attention "
+            "head at a time (its slice of the block's attn_heads site): block × head over the whole clip, and "
+            "head × time window.</p>" + "\n".join(rows))
     write_text(path, page)
     return Path(path)

@@ -1,5 +1,5 @@
-"""README "When a run was killed" (issue 20.7): the section exists, names the commands to run, and
-the temporary names, resumable parts and checkpoint path it cites are the ones the code uses."""
+"""The docs' "When a run was killed" (docs/reruns.md; issue 20.7): the section exists, names the commands
+to run, and the temporary names, resumable parts and checkpoint path it cites are the ones the code uses."""
 
 import re
 from pathlib import Path
@@ -11,9 +11,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _section() -> str:
-    text = (ROOT / "README.md").read_text()
-    m = re.search(r"^## When a run was killed\n(.*?)(?=^## )", text, flags=re.S | re.M)
-    assert m, "README lacks the section 'When a run was killed'"
+    text = (ROOT / "docs" / "reruns.md").read_text()
+    m = re.search(r"^## When a run was killed\n(.*?)(?=^## |\Z)", text, flags=re.S | re.M)
+    assert m, "docs/reruns.md lacks the section 'When a run was killed'"
     return " ".join(m.group(1).split())
 
 
