@@ -12,11 +12,13 @@ from matplotlib.figure import Figure
 from affectlens.viz.curves import save_atomic
 
 _ALPHA = 0.05
-_SCOPES = {  # scope -> (legend label, colour, line style)
-    "within_source": ("within {source} (speaker-grouped CV)", "#1f77b4", "--"),
-    "within_target": ("within {target} (speaker-grouped CV)", "#2ca02c", "-."),
-    "transfer": ("fit on {source}, tested on {target}", "#d62728", "-"),
+_SCOPES = {  # scope -> (legend label, line style); within-corpus lines take their dataset's colour
+    "within_source": ("within {source} (speaker-grouped CV)", "--"),
+    "within_target": ("within {target} (speaker-grouped CV)", "-."),
+    "transfer": ("fit on {source}, tested on {target}", "-"),
 }
+_TRANSFER = "#d62728"
+_DATASETS = ("#1f77b4", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 _NORMS = {"none": "#444444", "corpus": "#1f77b4", "speaker": "#d62728"}
 
 
@@ -52,13 +54,16 @@ def plot_transfer(table: pd.DataFrame, path: str | Path, metric: str = "balanced
     pairs = list(dict.fromkeys(zip(df["source"], df["target"])))
     norms = list(dict.fromkeys(df["normalise"]))
     order = _site_order(df)
+    names = list(dict.fromkeys([n for pair in pairs for n in pair]))
+    colours = {n: _DATASETS[i % len(_DATASETS)] for i, n in enumerate(names)}  # one colour per dataset
     fig = Figure(figsize=(4.2 * len(norms) + 1, 3.2 * len(pairs) + 0.6))
     axes = np.atleast_2d(fig.subplots(len(pairs), len(norms), squeeze=False, sharey=True))
     for i, (source, target) in enumerate(pairs):
         for j, how in enumerate(norms):
             ax = axes[i, j]
             part = df[(df["source"] == source) & (df["target"] == target) & (df["normalise"] == how)]
-            for scope, (label, colour, style) in _SCOPES.items():
+            for scope, (label, style) in _SCOPES.items():
+                colour = {"within_source": colours[source], "within_target": colours[target]}.get(scope, _TRANSFER)
                 rows = part[part["scope"] == scope].set_index("site")
                 sites = [s for s in order if s in rows.index]
                 if not sites:
@@ -88,7 +93,7 @@ def plot_transfer(table: pd.DataFrame, path: str | Path, metric: str = "balanced
                 ax.set_ylabel(metric.replace("_", " "))
             if i == len(pairs) - 1:
                 ax.set_xlabel("block")
-            if i == 0 and j == 0:
+            if j == 0:
                 ax.legend(fontsize=7, loc="lower left")
     if title:
         fig.suptitle(f"{title}: {metric.replace('_', ' ')} across corpora", fontsize=11)
