@@ -36,8 +36,10 @@ def write_wav(path: Path, x: np.ndarray, sr: int = 16000) -> Path:
 
 
 def write_media(path: Path, x: np.ndarray, sr: int = 16000, video: bool = True, fps: int = 10,
-                size: tuple[int, int] = (32, 24), acodec: str = "aac", vcodec: str = "mpeg4") -> Path:
-    """An MP4 (or other container by suffix) with a mono audio track and, with `video`, a moving image."""
+                size: tuple[int, int] = (32, 24), acodec: str = "aac", vcodec: str = "mpeg4",
+                images: np.ndarray | None = None) -> Path:
+    """An MP4 (or other container by suffix) with a mono audio track and, with `video`, a moving image
+    (or `images`, [frame, height, width, 3] uint8, one per frame in turn)."""
     import av
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -52,7 +54,8 @@ def write_media(path: Path, x: np.ndarray, sr: int = 16000, video: bool = True, 
             a.layout = "mono"
         if vs is not None:
             for i in range(max(1, int(len(x) / sr * fps))):
-                img = np.full((size[1], size[0], 3), (40 + 20 * i) % 255, np.uint8)
+                img = (np.full((size[1], size[0], 3), (40 + 20 * i) % 255, np.uint8) if images is None
+                       else images[i % len(images)])
                 for p in vs.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
                     c.mux(p)
             for p in vs.encode():

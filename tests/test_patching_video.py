@@ -69,11 +69,7 @@ def test_token_slices_select_video_tokens_by_frame_and_text_tokens():
 
 
 # --- tracing ---------------------------------------------------------------------------------
-@pytest.fixture(scope="module", params=["qwen2-vl", "qwen2.5-vl"])
-def planted(request):
-    mp = pytest.MonkeyPatch()
-    adapter = tiny(request.param, mp)
-    mp.undo()
+def plant(adapter):
     with torch.no_grad():
         adapter.lm_layers[0].self_attn.o_proj.weight.zero_()  # block 0 moves nothing between positions
         # A random model barely reads the video at the answer position: block 1's attention output,
@@ -81,6 +77,22 @@ def planted(request):
         adapter.lm_layers[1].self_attn.o_proj.weight.mul_(300.0)
         adapter.model.lm_head.weight.mul_(20.0)
     return adapter
+
+
+def save_model(adapter, folder):
+    """The adapter's model and processor parts in a folder, as the loader reads a local model."""
+    adapter.model.save_pretrained(folder)
+    adapter.processor.tokenizer.save_pretrained(folder)
+    adapter.processor.image_processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module", params=["qwen2-vl", "qwen2.5-vl"])
+def planted(request):
+    mp = pytest.MonkeyPatch()
+    adapter = tiny(request.param, mp)
+    mp.undo()
+    return plant(adapter)
 
 
 def question():
@@ -150,9 +162,7 @@ def test_trace_stage_reads_the_decoded_manifest_and_writes_tables_and_heatmaps(p
     from affectlens.data.manifest import write_manifest
     from affectlens.probes.outcomes import patch_outcomes
 
-    planted.model.save_pretrained(tmp_path / "model")
-    planted.processor.tokenizer.save_pretrained(tmp_path / "model")
-    planted.processor.image_processor.save_pretrained(tmp_path / "model")
+    save_model(planted, tmp_path / "model")
     rows = []
     for i in range(3):
         npz = tmp_path / f"q{i}.npz"
@@ -195,3 +205,66 @@ def test_trace_stage_reads_the_decoded_manifest_and_writes_tables_and_heatmaps(p
     with pytest.raises(ValueError, match="families"):
         stages.patch.trace(manifest, {"source": "video_qa"}, {**model, "family": "whisper"}, params,
                      *(out / n for n in ("a.tsv", "b.tsv", "c.tsv", "d")))
+
+
+@pytest.mark.slow
+@pytest.mark.workflow
+def test_trace_outcome_probe_runs_from_the_videos_through_the_workflow(tmp_path, monkeypatch):
+    """The real DAG for `results/probe_trace_outcomes/{dataset}/{model}.tsv` alone: raw, manifest,
+    decode (frames of 4 videos x 3 questions), extract and trace with the planted Qwen2-VL, then the
+    probe. Every counterfactual x LM site has its probe (accuracy at every stored site) or a `skipped`
+    row, and the flips and holds it counts are those of the per-question table (denoising: some
+    slice turned the sign of the answer metric)."""
+    import pandas as pd
+    import yaml
+
+    from dataset_fixtures import write_json, write_media
+    from test_workflow import snakemake
+
+    work = tmp_path
+    model = save_model(plant(tiny("qwen2-vl", monkeypatch)), work / "model")
+    ann = []
+    for v in range(4):
+        write_media(work / "videos" / f"v{v}.mp4", np.zeros(32000), fps=4, size=(56, 56), acodec=None,
+                    images=frames(8, seed=v))
+        ann += [{"video_name": f"v{v}.mp4", "question": question, "question_id": f"{v}{k:02d}",
+                 "candidates": ["a dog runs", "a cat sits", "nothing"], "answer": "a cat sits"}
+                for k, question in enumerate(("What happens first?", "What is shown?", "What moves?"))]
+    write_json(work / "annotations.json", ann)
+    cfg = {"datasets": {"vqa": {"source": "video_qa", "label_column": "label",
+                                "video": {"frame_rate": 4.0, "max_frames": 8, "size": 56},
+                                "video_qa": {"annotations": str(work / "annotations.json"), "videos": str(work / "videos")}}},
+           "models": {"tinyvl": {"family": "qwen2-vl", "source": str(model), "device": "cpu",
+                                 "sites": ["decoder.embed", "decoder.blocks.*.resid_post"], "sae_sites": [],
+                                 "steer_site": None}},
+           "studies": {"vqa": {"datasets": ["vqa"], "models": ["tinyvl"], "contrasts": []}},
+           "probe": {"n_permutations": 9, "n_splits": 2},
+           "trace": {"counterfactuals": ["mean:0:4", "reverse"], "slices": ["visual", "text", "visual_frames:4:8"],
+                     "sites": ["decoder.embed", "decoder.blocks.*.resid_post"], "n_questions": None}}
+    (work / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    # one torch thread per job: two spin-waiting threads on two busy cores run the trace ~10x slower
+    done = snakemake(work, "results/probe_trace_outcomes/vqa/tinyvl.tsv", "--set-threads", "extract=1", "trace=1")
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    per_question = pd.read_csv(work / "results/trace/vqa/tinyvl/per_question.tsv", sep="\t", dtype={"question_id": str})
+    assert sorted(set(per_question.question_id)) == sorted(a["question_id"] for a in ann)
+    d = per_question[per_question.direction == "denoising"]
+    flips = (np.sign(d.raw) != np.sign(d.corrupt)).groupby([d.counterfactual, d.site, d.question_id]).any()
+    table = pd.read_csv(work / "results/probe_trace_outcomes/vqa/tinyvl.tsv", sep="\t")
+    sites = ["decoder.embed", "decoder.blocks.0.resid_post", "decoder.blocks.1.resid_post"]
+    assert set(table.probe) == {f"flip[{cf}]@{s}" for cf in ("mean:0:4", "reverse") for s in sites}
+    for (cf, site), flipped in flips.groupby(level=[0, 1]):
+        rows = table[table.probe == f"flip[{cf}]@{site}"]
+        n_flip = int(flipped.sum())
+        if (rows.metric == "skipped").all():
+            assert len(rows) == 1 and f"{n_flip} questions flip and {12 - n_flip} hold" in rows.reason.iloc[0]
+        else:
+            acc = rows[rows.metric == "accuracy"]
+            assert set(acc.site) == set(sites) and (acc.n_clips == 12).all() and acc.value.between(0, 1).all()
+            assert (acc.p_value >= 0.1).all() and min(n_flip, 12 - n_flip) >= 2
+    # denoising the whole video at the embedding restores the clean run: every answer a counterfactual
+    # changed flips back there (a partial slice may also change an answer the counterfactual kept)
+    for cf in ("mean:0:4", "reverse"):
+        changed = set(d.question_id[(d.counterfactual == cf) & (d.corrupt < 0)])
+        assert changed <= set(flips[cf, "decoder.embed"][lambda x: x].index), cf
+    assert (table.metric != "skipped").any(), "the planted model's answers should change for some questions"

@@ -1,7 +1,7 @@
 """Probes beyond the multiclass sweep: the shared estimator contract, regression probes, binary
 concept pairs, official splits, the acoustic pseudo-site, representation statistics, the concept
-axis, time-resolved probes, patch-outcome probes, the figures and the stage, on planted data
-with known answers."""
+axis, time-resolved probes, patch- and trace-outcome probes, the figures and the stage, on planted
+data with known answers."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from affectlens.probes.axis import ConceptAxis, auroc, axis_metrics, loso_auroc,
 from affectlens.probes.baseline import ACOUSTIC_SITE, read_acoustic_features
 from affectlens.probes.frames import bin_frames, time_resolved
 from affectlens.probes.linear import LinearProbe
-from affectlens.probes.outcomes import outcome_tasks, patch_outcomes
+from affectlens.probes.outcomes import (TRACE, outcome_tasks, patch_outcomes, read_table, run_trace_outcome_probe,
+                                        trace_outcomes)
 from affectlens.probes.regression import RidgeProbe, regression_metrics, ridge_cv, ridge_gcv
 from affectlens.probes.representation import cohens_d, representation_stats
 from affectlens.probes.stats import confusion, metrics_from_confusion, trivial_scores
@@ -28,6 +29,7 @@ from affectlens.stages.probe import run_probe_study
 from affectlens.probes.sweep import (FitSettings, build_tasks, classification_task, probe_sweep, probe_task,
                                      sweep_arrays, sweep_tasks)
 from affectlens.probes.axis import diff_of_means
+from affectlens.data.manifest import read_manifest, write_manifest
 from affectlens.store import Store, write_store
 
 SITES = ["encoder.embed"] + [f"encoder.blocks.{b}.resid_post" for b in range(4)]
@@ -389,6 +391,121 @@ def test_patch_outcomes_label_flipping_clips_and_feed_the_sweep():
     assert tasks == [] and skipped[0]["probe"] == f"flip@{site}" and "1 clips flip" in skipped[0]["reason"]
     with pytest.raises(ValueError, match="direction"):
         patch_outcomes(effects, pairs, direction="sideways")
+
+
+# --- tracing outcomes (video QA) -----------------------------------------------------------------
+TRACED = ["decoder.embed", "decoder.blocks.0.resid_post", "decoder.blocks.1.resid_post"]  # stored and patched
+FEATURE_SITE = TRACED[2]
+
+
+def traced_questions(tmp_path, n_videos=6, per_video=4, seed=0):
+    """(manifest, store, f): a video_qa manifest (ids such as 007; `speaker` = the video, as
+    videoqa.build_manifest writes it) and a store of the questions' activations in which
+    FEATURE_SITE carries a feature f of each question in its first coordinate and every site a
+    per-video offset and noise."""
+    rng = np.random.default_rng(seed)
+    n, d = n_videos * per_video, 8
+    video = np.repeat([f"v{k}" for k in range(n_videos)], per_video)
+    ids = [f"{i:03d}" for i in range(n)]
+    manifest = pd.DataFrame({"clip_id": ids, "dataset": "vqa", "path": [f"{v}.mp4" for v in video], "split": "all",
+                             "label": "a", "speaker": video, "pair_key": np.nan, "text": "What happens?",
+                             "start": np.nan, "end": np.nan, "duration": np.nan, "video_name": [f"{v}.mp4" for v in video]})
+    manifest = read_manifest(write_manifest(manifest, tmp_path / "manifest.tsv"))
+    signs = np.concatenate([rng.permutation(np.resize([1.0, -1.0], per_video)) for _ in range(n_videos)])
+    f = signs * rng.uniform(1.0, 2.0, n)  # its sign decides, clear of 0; both signs on every video
+    offsets = rng.normal(size=(n_videos, d))[np.arange(n) // per_video]
+    acts = {s: rng.normal(size=(n, d)) + offsets for s in TRACED}
+    acts[FEATURE_SITE][:, 0] += 3 * f
+    with write_store(tmp_path / "store.h5", {s: d for s in TRACED}, ids, {"model_id": "planted", "frame_rate": 2.0},
+                     storage_dtype="float32") as w:
+        w.append({s: [(a[i] + rng.normal(0, 0.01, (3, d))).astype(np.float32) for i in range(n)]
+                  for s, a in acts.items()})
+    return manifest, tmp_path / "store.h5", f
+
+
+def trace_tables(tmp_path, manifest, restored: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The trace stage's per-question table and pairs (its own layout, written and read back as the
+    rule reads them): every counterfactual changed every answer (corrupt metric -1, clean 2), and
+    denoising the visual slice at `site` under `counterfactual` restores it for the questions where
+    restored[(counterfactual, site)] is True; nothing else restores anything."""
+    from affectlens.patching.video import TRACE_COLUMNS, trace_pairs
+
+    rows = []
+    for i, (q, video) in enumerate(zip(manifest.clip_id, manifest.video_name)):
+        for cf in ("reverse", "mean"):
+            for direction in ("denoising", "noising"):
+                for site in TRACED:
+                    for slc in ("visual", "text"):
+                        flip = direction == "denoising" and slc == "visual" and restored.get((cf, site), [False] * (i + 1))[i]
+                        raw = 1.0 if flip else (-0.5 if direction == "denoising" else 1.5)
+                        rows.append({"pair_id": f"{q}:{cf}", "question_id": q, "video": video, "counterfactual": cf,
+                                     "site": site, "depth": TRACED.index(site) - 1, "slice": slc, "direction": direction,
+                                     "n_positions": 4, "answer": "a", "alternative": "b", "gold": "a", "raw": raw,
+                                     "clean": 2.0, "corrupt": -1.0, "normalised": (raw + 1.0) / 3.0})
+    table = pd.DataFrame(rows, columns=TRACE_COLUMNS)
+    table.to_csv(tmp_path / "per_question.tsv", sep="\t", index=False)
+    trace_pairs(table).to_csv(tmp_path / "pairs.tsv", sep="\t", index=False)
+    return read_table(tmp_path / "per_question.tsv"), read_table(tmp_path / "pairs.tsv")
+
+
+def test_trace_outcomes_are_read_off_the_site_that_carries_them_and_not_off_noise(tmp_path):
+    """Planted: under `reverse`, FEATURE_SITE restores the answers of the questions whose stored
+    feature is positive; under `mean`, decoder.blocks.0 restores a random half. Over five draws the
+    first is read off FEATURE_SITE every time (accuracy >= 0.9, the smallest permutation p) and off
+    the noise sites at chance, as is the second everywhere; the (counterfactual, site) pairs where
+    nothing flips get `skipped` rows; folds are grouped by video."""
+    cells = []
+    for seed in range(5):
+        folder = tmp_path / str(seed)
+        folder.mkdir()
+        manifest, store, f = traced_questions(folder, seed=seed)
+        coin = np.random.default_rng(seed + 100).random(len(f)) < 0.5
+        table, pairs = trace_tables(folder, manifest, {("reverse", FEATURE_SITE): f > 0, ("mean", TRACED[1]): coin})
+        outcomes = trace_outcomes(table, pairs)
+        tasks, skipped = outcome_tasks(outcomes, manifest, n_splits=4, wording=TRACE)
+        out = run_trace_outcome_probe(store, manifest, table, pairs, {"n_permutations": 49}, folder / "trace.tsv")
+        written = pd.read_csv(folder / "trace.tsv", sep="\t")
+        assert len(written) == len(out) and set(written.probe) == {t.name for t in tasks} | {r["probe"] for r in skipped}
+        cells.append(written[written.metric == "accuracy"].assign(seed=seed))
+    # the last draw in detail: ids as the manifest's, one outcome per question x counterfactual x site
+    assert set(table.question_id) == set(pairs.clean_clip) == set(manifest.clip_id) and "007" in set(pairs.clean_clip)
+    assert len(outcomes) == len(f) * 2 * len(TRACED)
+    got = outcomes[(outcomes.counterfactual == "reverse") & (outcomes.site == FEATURE_SITE)].set_index("clip_id")
+    assert got.flipped.loc[manifest.clip_id].tolist() == (f > 0).tolist()
+    assert [t.name for t in tasks] == [f"flip[reverse]@{FEATURE_SITE}", f"flip[mean]@{TRACED[1]}"]
+    videos = manifest.speaker.to_numpy()
+    assert set(tasks[0].groups) == set(videos) and (tasks[0].groups == videos[tasks[0].rows]).all()
+    assert all(not set(tasks[0].groups[k.train]) & set(tasks[0].groups[k.test]) for k in tasks[0].folds)
+    assert len(skipped) == 4 and all("0 questions flip and 24 hold over 6 videos" in r["reason"] for r in skipped)
+    # every draw: the feature's probe reads it off its site; elsewhere, and for the coin, chance
+    acc = pd.concat(cells)
+    feature = (acc.probe == f"flip[reverse]@{FEATURE_SITE}") & (acc.site == FEATURE_SITE)
+    assert (acc.value[feature] >= 0.9).all() and np.allclose(acc.p_value[feature], 1 / 50), acc[feature]
+    noise = acc[~feature]
+    assert len(noise) == 5 * 5 and abs(noise.value.mean() - 0.5) < 0.1, noise
+    assert noise.p_value.median() >= 0.3 and (noise.p_value <= 0.05).mean() <= 0.2, noise
+
+
+def test_trace_outcome_probe_says_why_when_too_few_questions_flip(tmp_path, caplog):
+    """Too few questions (the draw's `trace.n_questions`): every probe is a `skipped` row with the
+    counts and the setting to raise, and the log says so; a table without any denoising outcome
+    gets one row saying that; questions the manifest lacks are refused by name."""
+    manifest, store, f = traced_questions(tmp_path, n_videos=3, per_video=1)
+    table, pairs = trace_tables(tmp_path, manifest, {("reverse", FEATURE_SITE): f > 0})
+    with caplog.at_level("INFO", logger="affectlens.probes.outcomes"):
+        run_trace_outcome_probe(store, manifest, table, pairs, {"n_permutations": 9}, tmp_path / "few.tsv")
+    written = pd.read_csv(tmp_path / "few.tsv", sep="\t")
+    assert len(written) == 2 * len(TRACED) and (written.metric == "skipped").all()
+    assert written.reason.str.contains("questions flip and").all() and written.reason.str.contains("over 3 videos").all()
+    assert written.reason.str.contains("raise trace.n_questions").all()
+    assert "trace.n_questions" in caplog.text
+    run_trace_outcome_probe(store, manifest, table[table.direction == "noising"], pairs, None, tmp_path / "none.tsv")
+    written = pd.read_csv(tmp_path / "none.tsv", sep="\t")
+    assert written.metric.tolist() == ["skipped"]
+    assert written.reason.tolist() == ["no denoising tracing outcome in the per-question table"]
+    other = pairs.assign(clean_clip="q9", corrupt_clip="q9")
+    with pytest.raises(KeyError, match="patched questions are not in the manifest, e.g. \\['q9'\\]"):
+        run_trace_outcome_probe(store, manifest, table, other, None, tmp_path / "bad.tsv")
 
 
 # --- the stage and its figures ------------------------------------------------------------------

@@ -54,7 +54,8 @@ rule heatmaps:
 
 
 # On demand (not in `all`), for a video_qa dataset and a qwen2-vl / qwen2.5-vl model: causal
-# tracing of the model's answers over counterfactual videos, LM sites x token slices.
+# tracing of the model's answers over counterfactual videos, LM sites x token slices. Its pairs and
+# per-question table feed rule probe_trace_outcomes (probe.smk), the target that requests both.
 rule trace:
     input:
         manifest=rules.decode.output.manifest,

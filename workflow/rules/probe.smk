@@ -102,6 +102,31 @@ rule probe_outcomes:
         "../scripts/probe_outcomes.py"
 
 
+# On demand, as `trace` is (GPU-sized, so in no `all`); requesting this file runs trace with it, and
+# extract of every question of the dataset with the traced model, so it is the target to ask for a
+# video QA trace by:  snakemake results/probe_trace_outcomes/{dataset}/{model}.tsv
+# Per counterfactual x LM site, which questions' answers flip when that site is patched, read off
+# the questions' activations before patching (the store), folds grouped by video; a `skipped` row
+# with its reason where too few questions flip or hold.
+rule probe_trace_outcomes:
+    input:
+        store=rules.extract.output.store,
+        manifest=rules.decode.output.manifest,
+        pairs=rules.trace.output.pairs,
+        table=rules.trace.output.table,
+    output:
+        sweep="results/probe_trace_outcomes/{dataset}/{model}.tsv",
+    log:
+        "logs/probe_trace_outcomes/{dataset}/{model}.log",
+    conda:
+        "../../envs/probe.yaml"
+    threads: 2
+    params:
+        probe=config["probe"],
+    script:
+        "../scripts/probe_trace_outcomes.py"
+
+
 # On demand: one tidy table per study (every dataset x model of the study, one row per
 # site x probe x split x metric).
 rule probe_study:
