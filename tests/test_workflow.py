@@ -237,3 +237,43 @@ def test_unknown_config_key_is_rejected_with_its_name(run):
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=work)
     assert out.returncode != 0
     assert "n_split" in out.stdout + out.stderr
+
+
+def test_a_killed_steering_job_resumes_from_its_finished_clips_to_the_same_outputs(run, tmp_path):
+    """The steer job SIGKILLed (with Snakemake, as a preempted cluster job is) after its first clip:
+    the rerun steers only the second clip and writes exactly what the uninterrupted run wrote."""
+    import os
+    import shutil
+    import signal
+    import time
+
+    work = tmp_path / "wf"
+    shutil.copytree(run[0], work, symlinks=True)  # the shared run stays as it is for the other tests
+    rel = Path("results/steer/demo/tiny/sad-to-happy")
+    tables = ("evaluation.tsv", "summary.tsv", "controls.tsv", "inversion_quality.tsv")
+
+    def outputs():
+        folder = work / rel
+        return ({n: (folder / n).read_bytes() for n in tables},
+                {p.name: p.read_bytes() for p in sorted((folder / "audio").glob("*.wav"))})
+
+    before = outputs()
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(work),
+           "--configfile", str(work / "tiny.yaml"), "--cores", "2", "--forcerun", "steer", "--", str(rel)]
+    job = subprocess.Popen(cmd, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    clips = work / f"{rel}.parts" / "clips"
+    deadline = time.monotonic() + 600
+    while not (clips.exists() and any(clips.glob("*.json"))) and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    assert len(list(clips.glob("*.json"))) == 1, "the job was not killed between its two clips"
+    assert not (work / rel / "evaluation.tsv").exists()  # nothing that looks finished
+
+    assert snakemake(work, "--unlock").returncode == 0  # a killed Snakemake leaves its lock, as on a cluster
+    again = snakemake(work, "--rerun-incomplete", "--", str(rel))
+    assert again.returncode == 0, again.stderr[-4000:]
+    log = (work / "logs/steer/demo/tiny/sad-to-happy.log").read_text()
+    assert "resuming: 1 of 2 clips were steered and judged by an earlier run" in log
+    assert outputs() == before
+    assert not (work / f"{rel}.parts").exists()

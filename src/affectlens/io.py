@@ -54,9 +54,9 @@ def write_text(path: str | Path, text: str) -> None:
         f.write(text)
 
 
-def write_json(path: str | Path, obj, indent: int = 2) -> None:
+def write_json(path: str | Path, obj, indent: int | None = 2, default=None) -> None:
     with atomic_open(path, "w") as f:
-        json.dump(obj, f, indent=indent, sort_keys=False)
+        json.dump(obj, f, indent=indent, sort_keys=False, default=default)
         f.write("\n")
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +49,10 @@ def steer(store_path, manifest_path, model_cfg: dict, contrast: dict, params: di
 
     src, tgt = contrast["source"], contrast["target"]
     out_dir = Path(out_dir)
-    (out_dir / "audio").mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parts = ClipParts.open(out_dir, {"model": model_cfg, "contrast": contrast, "steer": params,
+                                     "label_column": label_column, "judge_models": judge_models},
+                           [store_path, manifest_path, sae_dir, *(judge_stores or {}).values()])
     manifest = read_manifest(manifest_path)
     adapter = build_adapter(model)
     site = model.steer_site
@@ -65,8 +71,13 @@ def steer(store_path, manifest_path, model_cfg: dict, contrast: dict, params: di
 
     primary = PRIMARY_METHOD if PRIMARY_METHOD in methods else methods[0]  # gain matches its level
     chosen = choose_clips(manifest, label_column, src, cfg.n_clips, cfg.seed)
-    records, quality, fitted = [], [], {}
+    fitted = {}
+    if parts.done:
+        log.info("resuming: %d of %d clips were steered and judged by an earlier run with the same inputs (%s)",
+                 sum(str(manifest["clip_id"].iloc[i]) in parts.done for i in chosen), len(chosen), parts.path)
     for i in tqdm(chosen, desc=f"steer {src}->{tgt}", unit="clip"):
+        if str(manifest["clip_id"].iloc[i]) in parts.done:
+            continue
         spk = corpus.speakers[i]
         if spk not in fitted:
             fitted[spk] = ex.fit_speaker(corpus, spk, src, tgt, methods, list(cfg.controls), cfg.random_seeds,
@@ -76,14 +87,15 @@ def steer(store_path, manifest_path, model_cfg: dict, contrast: dict, params: di
         outputs = ex.render_clip(adapter, wave, fit, site, hear, list(cfg.alphas), list(cfg.controls), cfg.inversion,
                                  vocoder=vocoder, primary=primary)
         edit = next((o for o in outputs if o.method == primary and o.alpha == max(cfg.alphas)), None)
-        quality.append({"clip_id": clip_id, "speaker": spk, "vocoder": vocoder.name if vocoder else "none",
+        quality = [{"clip_id": clip_id, "speaker": spk, "vocoder": vocoder.name if vocoder else "none",
                         "mapper": cfg.mapper, "steer_site": site, "hear_site": hear,
                         "alpha": max(cfg.alphas), "change_dependence": edit.change_dependence if edit else np.nan,
                         **round_trip_quality(fit.mapper, site_frames(adapter, wave, hear), wave, vocoder=vocoder,
-                                             sr=corpus.sr)})
+                                             sr=corpus.sr)}]
         reference, reference_source = _reference(manifest, i, fit.judges, wave)
+        records = []
         for out, (numbers, transcript, name, mark) in zip(outputs, _judge_outputs(outputs, clip_id, wave, reference,
-                                                                                   fit.judges, cfg, out_dir)):
+                                                                                   fit.judges, cfg, parts.audio)):
             for o in ex.shared_zero(out, methods, list(cfg.controls), len(fit.random_vectors)):
                 records.append({"clip_id": clip_id, "speaker": spk, "method": o.method, "kind": o.kind,
                                 "output": "original" if o.kind == "original" else f"{o.alpha:g}",
@@ -91,8 +103,10 @@ def steer(store_path, manifest_path, model_cfg: dict, contrast: dict, params: di
                                 "change_dependence": o.change_dependence, "watermark_snr_db": mark, "file": name,
                                 "transcript": transcript, "reference": reference,
                                 "reference_source": reference_source})
-    table = pd.DataFrame(records)
-    columns = fitted[next(iter(fitted))].judges.columns
+        parts.add(clip_id, records, quality)
+    clip_ids = [str(manifest["clip_id"].iloc[i]) for i in chosen]
+    table, quality = parts.tables(clip_ids)
+    columns = ex.judge_columns(list(judge_models))
     summary = ex.summarise(table, columns)
     versus = ex.compare_to_controls(table, columns)
     for r in versus[versus.control == "best_control"].itertuples():
@@ -106,8 +120,9 @@ def steer(store_path, manifest_path, model_cfg: dict, contrast: dict, params: di
     with atomic_path(out_dir / "mel_shift.npy") as tmp:
         np.save(tmp, diff_of_means(ex.mean_spectra(corpus.mel_targets, full.n_mels), corpus.labels, corpus.speakers,
                                    src, tgt))
+    parts.move_audio(out_dir / "audio")
     write_tsv(table, out_dir / "evaluation.tsv")
-    write_tsv(pd.DataFrame(quality), out_dir / "inversion_quality.tsv")
+    write_tsv(quality, out_dir / "inversion_quality.tsv")
     write_tsv(versus, out_dir / "controls.tsv")
     write_tsv(summary, out_dir / "summary.tsv")
     plot_dose_response(summary, out_dir / "dose_response.png",
@@ -222,7 +237,7 @@ def _reference(manifest, i: int, judges, wave) -> tuple[str, str]:
     return transcribe(judges.asr, wave), "asr"
 
 
-def _judge_outputs(outputs, clip_id, original, reference, judges, cfg: SteerConfig, out_dir: Path):
+def _judge_outputs(outputs, clip_id, original, reference, judges, cfg: SteerConfig, audio_dir: Path):
     """(numbers, transcript, file name, watermark level) per output of one clip: the original is
     judged as it is; every other output is written watermarked and what was written is read back
     and judged (all of the clip's outputs in one `judge_many`)."""
@@ -237,9 +252,9 @@ def _judge_outputs(outputs, clip_id, original, reference, judges, cfg: SteerConf
             marks.append(np.nan)
             continue
         name = steered_wav_name(clip_id, PRIMARY_METHOD if out.method == "all" else out.method, out.alpha, out.seed)
-        marks.append(write_steered_audio(out_dir / "audio" / name, out.wave, judges.sr, key=cfg.watermark_key,
+        marks.append(write_steered_audio(audio_dir / name, out.wave, judges.sr, key=cfg.watermark_key,
                                          snr_db=cfg.watermark_snr_db))
-        heard.append(load_any(out_dir / "audio" / name)[0])
+        heard.append(load_any(audio_dir / name)[0])
         names.append(name)
     judged = judges.judge_many(heard, original, reference)
     return [(numbers, transcript, name, mark) for (numbers, transcript), name, mark in zip(judged, names, marks)]
@@ -319,3 +334,78 @@ def _steer_sae(sae_dir, site: str, frames: list[np.ndarray]):
     return sae, np.stack([encode_array(sae, f).mean(0) for f in frames])
 
 
+
+
+class ClipParts:
+    """What a steering run has finished, clip by clip, so that a killed or failed run resumes.
+
+    Beside the run's output folder (`{contrast}.parts/`: Snakemake deletes an unfinished output
+    folder before it reruns the job, never this one): `key.json`, a digest of every input of the
+    run (the model, contrast, steer and judge settings, the size and modification time of the
+    store, manifest, SAE and judge stores, and the package's source code); `audio/`, the steered
+    files as they are written; and `clips/{n}.json` per finished clip, its evaluation and
+    inversion-quality rows, written after its audio. A rerun with the same key skips the clips listed; any other key starts afresh. The
+    tables are always read back from these files, so a resumed run writes exactly what an
+    uninterrupted one does; `move_audio` hands the files to the output folder and removes the rest.
+    """
+
+    def __init__(self, path: Path, done: dict[str, Path]):
+        self.path, self.done = path, done
+        self.audio = path / "audio"
+
+    @classmethod
+    def open(cls, out_dir: Path, settings: dict, inputs: list) -> ClipParts:
+        path = out_dir.parent / f"{out_dir.name}.parts"
+        stats = [[str(p), *((Path(p).stat().st_size, Path(p).stat().st_mtime_ns) if Path(p).exists() else ())]
+                 for p in inputs if p is not None]
+        key = hashlib.sha256(json.dumps([settings, stats, _code_digest()], sort_keys=True,
+                                        default=str).encode()).hexdigest()[:16]
+        try:
+            same = json.loads((path / "key.json").read_text())["key"] == key
+        except (OSError, ValueError, KeyError, TypeError):
+            same = False
+        if path.exists() and not same:
+            shutil.rmtree(path)  # another run's parts (other inputs or settings): start afresh
+        (path / "clips").mkdir(parents=True, exist_ok=True)
+        (path / "audio").mkdir(exist_ok=True)
+        write_json(path / "key.json", {"key": key, "settings": settings, "inputs": stats}, default=str)
+        parts = cls(path, {})
+        for f in sorted((path / "clips").glob("*.json")):
+            parts.done[json.loads(f.read_text())["clip_id"]] = f
+        return parts
+
+    def add(self, clip_id: str, records: list[dict], quality: list[dict]) -> None:
+        f = self.path / "clips" / f"{len(self.done):05d}.json"
+        write_json(f, {"clip_id": clip_id, "records": records, "quality": quality}, indent=None, default=_plain)
+        self.done[clip_id] = f
+
+    def tables(self, clip_ids: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """(evaluation rows, inversion-quality rows) of `clip_ids`, in that order, as written."""
+        missing = [c for c in clip_ids if c not in self.done]
+        if missing:
+            raise RuntimeError(f"steering parts in {self.path} lack clips {missing[:5]}")
+        parts = [json.loads(self.done[c].read_text()) for c in clip_ids]
+        return (pd.DataFrame([r for p in parts for r in p["records"]]),
+                pd.DataFrame([r for p in parts for r in p["quality"]]))
+
+    def move_audio(self, dest: Path) -> None:
+        if dest.exists():
+            shutil.rmtree(dest)
+        self.audio.rename(dest)
+        shutil.rmtree(self.path)
+
+
+def _plain(value):
+    """A numpy scalar as the Python number it holds (for JSON)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def _code_digest() -> str:
+    """A digest of the package's source files: parts made by other code are never resumed."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]

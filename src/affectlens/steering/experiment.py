@@ -88,7 +88,7 @@ class Judges:
 
     @property
     def columns(self) -> list[str]:
-        return ["p_target_model_probe", "p_target_acoustic"] + [f"p_target_{j.name}" for j in self.others]
+        return judge_columns([j.name for j in self.others])
 
     def judge(self, wave: np.ndarray, original: np.ndarray, reference: str) -> tuple[dict, str]:
         """(numbers, transcript) of one output (`judge_many` of one wave)."""
@@ -124,6 +124,12 @@ class Judges:
             o["wer_vs_original"] = word_error_rate(reference, transcripts[i]) if self.asr is not None else np.nan
             o["speaker_similarity"] = float(similarity[i]) if similarity is not None else np.nan
         return [(o, t) for o, t in zip(out, transcripts)]
+
+
+def judge_columns(others: list[str]) -> list[str]:
+    """The judges' columns of an evaluation table: the steered model's probe, the acoustic judge,
+    then the probe of each other judge model (`steer.judge_models`) by name."""
+    return ["p_target_model_probe", "p_target_acoustic"] + [f"p_target_{name}" for name in others]
 
 
 def _index(estimator, target: str) -> int:
