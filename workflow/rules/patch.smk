@@ -59,6 +59,7 @@ rule heatmaps:
 rule trace:
     input:
         manifest=rules.decode.output.manifest,
+        weights=model_weights,  # it runs the model itself (no store): a replaced local model reruns it
     output:
         table="results/trace/{dataset}/{model}/per_question.tsv",
         pairs="results/trace/{dataset}/{model}/pairs.tsv",
