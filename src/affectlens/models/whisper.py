@@ -538,6 +538,10 @@ def transcribe(model: WhisperForConditionalGeneration, feature_extractor: Whispe
     # length could need (~3 tokens/s spoken; 8/s + 8 leaves room for any real utterance).
     seconds = max(len(w) for w in waves) / SAMPLE_RATE
     kwargs |= {"no_repeat_ngram_size": 3, "max_new_tokens": min(int(8 * seconds) + 8, 440)}
-    ids = model.generate(features.to(param.device, param.dtype), generation_config=model.generation_config,
+    # The encoder once: given only features, generate runs it twice on a multilingual checkpoint
+    # without `language` (once to detect the language, once to decode); the same ids either way.
+    with torch.no_grad():
+        encoded = model.get_encoder()(features.to(param.device, param.dtype))
+    ids = model.generate(encoder_outputs=encoded, generation_config=model.generation_config,
                          return_timestamps=False, **kwargs)
     return [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
