@@ -334,8 +334,6 @@ def _steer_sae(sae_dir, site: str, frames: list[np.ndarray]):
     return sae, np.stack([encode_array(sae, f).mean(0) for f in frames])
 
 
-
-
 class ClipParts:
     """What a steering run has finished, clip by clip, so that a killed or failed run resumes.
 
