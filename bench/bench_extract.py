@@ -2,7 +2,7 @@
 (RAVDESS clips), end to end into HDF5, against
 
   1. the bare model forward loop on the same clips, same batches, no hooks and no I/O
-     (the cost of extraction itself: capture, gather of real frames, dtype, HDF5, chunks, merge);
+     (the cost of extraction itself: capture, gather of real frames, dtype, HDF5, commits of the growing store);
   2. a naive baseline: one clip at a time, one .npy file per clip and site;
 
 and the peak memory of extraction (a fresh process each) when the number of clips grows 4x.

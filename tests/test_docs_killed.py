@@ -35,8 +35,9 @@ def test_the_names_it_cites_are_the_codes(tmp_path):
     assert download.part_path(tmp_path / "x.zip").name == "x.zip.part" and "`{name}.part`" in s
     assert 'name + ".partial"' in Path(store.__file__).read_text() and "`{name}.h5.partial`" in s
     assert 'name + ".tmp"' in Path(train.__file__).read_text() and "`{name}.pt.tmp`" in s
-    assert 'out_path.name + ".parts"' in (ROOT / "src/affectlens/extract.py").read_text()
-    assert "results/extract/{dataset}/{model}.h5.parts/" in s
+    extract = (ROOT / "src/affectlens/extract.py").read_text()
+    assert 'out_path.name + ".parts"' in extract and 'parts_dir / "store.h5"' in extract
+    assert "results/extract/{dataset}/{model}.h5.parts/store.h5" in s
     assert ('checkpoint="results/sae/{dataset}/{model}/.checkpoints/{site}.pt"'
             in (ROOT / "workflow/rules/sae.smk").read_text())
     assert "results/sae/{dataset}/{model}/.checkpoints/{site}.pt" in s

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 
 import h5py
@@ -15,7 +16,7 @@ from transformers import Wav2Vec2Config, Wav2Vec2Model
 
 from affectlens.extract import extract_store, shard_range
 from affectlens.models.speech import SpeechEncoderAdapter
-from affectlens.store import MergeError, Store, from_storage, merge_stores, to_storage
+from affectlens.store import _open_left_behind, IncompleteStoreError, MergeError, Store, from_storage, merge_stores, to_storage
 from test_adapters_common import manifest_of
 
 torch.set_num_threads(1)
@@ -109,10 +110,13 @@ def test_an_interrupted_extraction_resumes_from_the_last_chunk_to_the_same_store
     with pytest.raises(RuntimeError, match="killed"):
         run(adapter, clips, out, load_wave=crash_at_clip_9)
     parts = out.with_name(out.name + ".parts")
-    assert not out.exists() and sorted(p.name for p in parts.iterdir()) == [
-        "000000000-000000004.h5", "000000004-000000008.h5"]
-    # what a kill in the middle of writing leaves: a .partial chunk, and a chunk cut short
+    assert not out.exists() and sorted(p.name for p in parts.iterdir()) == ["store.h5"]
+    assert clips_written(parts / "store.h5") == 8  # two chunks of 4 committed
+    with pytest.raises(IncompleteStoreError):  # the growing store never reads as finished
+        Store(parts / "store.h5")
+    # what an older version left, and a resume cut short: removed
     (parts / "000000008-000000011.h5.partial").write_bytes(b"\x89HDF half")
+    (parts / "store.h5.resumed").write_bytes(b"\x89HDF half")
     loaded.clear()
 
     def count(path):
@@ -122,6 +126,12 @@ def test_an_interrupted_extraction_resumes_from_the_last_chunk_to_the_same_store
     assert loaded == ["clip8", "clip9", "clip10"]  # only the unfinished chunk was computed again
     assert not parts.exists()
     assert_same_store(whole, out)
+
+
+def clips_written(path) -> int:
+    """The clips a growing store has committed (what a rerun resumes after)."""
+    with _open_left_behind(path) as f:
+        return int(f.attrs["clips_written"])
 
 
 def _extract_until_killed_at_clip_6(out):
@@ -151,10 +161,16 @@ def test_a_killed_process_resumes_and_corrupt_chunks_are_redone(clips, tmp_path)
     child.start()
     child.join(timeout=300)
     assert child.exitcode == -signal.SIGKILL
-    parts = out.with_name(out.name + ".parts")
-    done = parts / "000000000-000000004.h5"
-    assert done.is_file() and not out.exists()
-    done.write_bytes(done.read_bytes()[:3000])  # corrupt: must be recomputed, never merged
+    growing = out.with_name(out.name + ".parts") / "store.h5"
+    assert clips_written(growing) == 4 and not out.exists()
+    resumed = tmp_path / "resumed.h5"  # a copy resumes from clip 4
+    shutil.copytree(out.with_name(out.name + ".parts"), resumed.with_name(resumed.name + ".parts"))
+    _, lookup = manifest_of(clips)
+    loaded = []
+    run(adapter, clips, resumed, load_wave=lambda p: loaded.append(p) or lookup[p])
+    assert loaded == [f"clip{i}" for i in range(4, 11)]
+    assert_same_store(whole, resumed)
+    growing.write_bytes(growing.read_bytes()[:3000])  # corrupt: must be recomputed, never used
     run(adapter, clips, out)
     assert_same_store(whole, out)
 
@@ -184,7 +200,7 @@ def test_shards_merge_into_the_unsharded_store(clips, tmp_path):
               for i, r in enumerate(ranges)]
     with Store(shards[1]) as s:
         assert s.clip_ids == ["clip4", "clip5", "clip6"] and json.loads(s.attrs["clip_range"]) == [4, 7]
-    merged = merge_stores(shards[::-1], tmp_path / "merged.h5", require_all=True, chunk_clips=2)
+    merged = merge_stores(shards[::-1], tmp_path / "merged.h5", require_all=True, block_rows=10)
     assert_same_store(whole, merged)
     with Store(merged) as s, Store(whole) as w:
         for key in ("revision", "config_digest", "clip_ids_digest", "n_clips_total", "clip_range"):

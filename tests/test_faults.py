@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from affectlens import stages
-from affectlens.store import IncompleteStoreError, Store
+from affectlens.store import IncompleteStoreError, Store, _open_left_behind
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
@@ -43,7 +43,7 @@ def setup(tmp_path_factory):
     model = bench_scale.make_model(work / "model")
     manifest = bench_scale.make_corpus(work / "corpus", n_speakers=3, n_sentences=2)
     cfg = bench_scale.workflow_config(model, sae={"n_samples": 3000, "batch_size": 128})
-    cfg["models"]["tiny"]["chunk_clips"] = 5  # 12 clips: 3 chunks and a merge
+    cfg["models"]["tiny"]["chunk_clips"] = 5  # 12 clips: 3 commits
     (work / "cfg.json").write_text(json.dumps(cfg))
     ref = work / "ref"
     stages.extract.extract(manifest, cfg["models"]["tiny"], ref / "store.h5")
@@ -92,32 +92,58 @@ def assert_same_store(a, b):
 
 # --- extraction ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("victim", ["000000005-000000010.h5.partial", "store.h5.partial"])
-def test_extraction_killed_while_writing_a_store_resumes_to_the_uninterrupted_store(setup, victim):
-    """Killed inside an HDF5 write: of the second chunk, or of the final merged store."""
-    work, manifest, cfg, ref = setup
-    out = work / "killed" / victim.split(".")[0] / "store.h5"
-    proc = run_child(work, f"""
-        from affectlens.store import StoreWriter
-        real = StoreWriter.append_rows
+KILLS = {  # where, in the writer of the growing store, the process dies; what it has committed then
+    "rows": ("""
+        real = ResumableStoreWriter.append_rows
         def append_rows(self, *a, **k):
             real(self, *a, **k)
-            if self.tmp.name == {victim!r}:
-                self.h5.flush()  # rows are on disk, the store is not finished
+            if self._row > 5:  # the second chunk's rows are on disk, not yet committed
+                self.h5.flush()
                 die()
-        StoreWriter.append_rows = append_rows
-        stages.extract.extract(manifest, cfg["models"]["tiny"], {str(out)!r})
-    """)
+        ResumableStoreWriter.append_rows = append_rows
+    """, 5),
+    "counts": ("""
+        def commit(self):
+            self.h5.flush()
+            self._write_counts(top=False)
+            self.h5.flush()
+            if self._row > 5:  # its frame counts are written, the commit mark is not
+                die()
+            self.h5.attrs["clips_written"] = self._row
+            self.h5.flush()
+        ResumableStoreWriter.commit = commit
+    """, 5),
+    "finish": ("""
+        def close(self):
+            self._write_counts(top=True)
+            self.h5.attrs["complete"] = True
+            self.h5.flush()
+            die()  # finished, not yet renamed to the store's name
+        ResumableStoreWriter.close = close
+    """, 12),
+}
+
+
+@pytest.mark.parametrize("where", list(KILLS))
+def test_extraction_killed_while_writing_its_store_resumes_to_the_uninterrupted_store(setup, where):
+    """Killed inside the HDF5 writes of the growing store: with a chunk's rows written, with their
+    counts written too, and with the store finished but not renamed. The file stays readable (the
+    single-writer mode), never reads as a store, and the rerun resumes after its last commit."""
+    work, manifest, cfg, ref = setup
+    out = work / "killed" / where / "store.h5"
+    patch, committed = KILLS[where]
+    proc = run_child(work, "from affectlens.store import ResumableStoreWriter\n" + textwrap.dedent(patch) + f"""
+stages.extract.extract(manifest, cfg["models"]["tiny"], {str(out)!r})
+""")
     assert_killed(proc)
-    parts = out.with_name("store.h5.parts")
-    partial = (parts if victim[0] == "0" else out.parent) / victim
-    assert partial.stat().st_size > 0 and not out.exists()
-    with pytest.raises(IncompleteStoreError, match=rf"{victim}.*(incomplete|not a readable)"):
-        Store(partial)
-    done = sorted(p.name for p in parts.iterdir())
-    assert "000000000-000000005.h5" in done
+    growing = out.with_name("store.h5.parts") / "store.h5"
+    assert growing.stat().st_size > 0 and not out.exists()
+    with pytest.raises(IncompleteStoreError, match=r"store\.h5.*(incomplete|not a readable)"):
+        Store(growing)
+    with _open_left_behind(growing) as f:
+        assert int(f.attrs["clips_written"]) == committed
     stages.extract.extract(manifest, cfg["models"]["tiny"], out)
-    assert not parts.exists() and not partial.exists()
+    assert not growing.parent.exists()
     assert_same_store(ref / "store.h5", out)
 
 
@@ -145,10 +171,10 @@ def test_disk_full_while_writing_a_store_leaves_nothing(setup, tmp_path, monkeyp
 
     monkeypatch.setattr(StoreWriter, "append_rows", full)
     out = tmp_path / "x" / "store.h5"
-    with pytest.raises(OSError, match=r"No space left on device.*000000000-000000005\.h5\.partial") as e:
+    with pytest.raises(OSError, match=r"No space left on device.*store\.h5\.parts/store\.h5") as e:
         stages.extract.extract(manifest, cfg["models"]["tiny"], out)
     assert e.value.errno == errno.ENOSPC
-    assert sorted(p.name for p in out.parent.rglob("*") if p.is_file()) == []  # no partial, no final
+    assert sorted(p.name for p in out.parent.rglob("*") if p.is_file()) == []  # nothing committed, nothing kept
 
 
 # --- SAE training ------------------------------------------------------------------------------------
@@ -421,7 +447,7 @@ def test_disk_full_during_extraction_is_not_called_a_corrupt_archive(tmp_path, m
 # --- scale: a merge of many chunks -------------------------------------------------------------------
 
 def test_merging_many_chunks_holds_one_part_open_at_a_time(tmp_path, monkeypatch):
-    """A resumable extraction leaves one chunk per 64 clips: 100k clips make ~1600 parts. Holding
+    """Shards of a large extraction are merged: 100k clips in 64-clip shards make ~1600 parts. Holding
     them all open cost ~0.7 MiB of HDF5 chunk cache each (344 MiB for 512 parts, measured) and one
     file descriptor each (past `ulimit -n` 1024 the merge failed); now one part is open at a time."""
     from affectlens.store import StoreWriter, merge_stores, write_store

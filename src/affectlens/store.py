@@ -18,25 +18,31 @@ Layout
                          n_heads and d_head (head h is columns h * d_head ... (h + 1) * d_head - 1)
     attrs                model_id, revision, family, sample_rate, frame_rate, storage_dtype,
                          config_digest, versions (json), sites (json), towers (json),
-                         clip_range [first, end), n_clips_total, clip_ids_digest, complete
+                         clip_range [first, end), n_clips_total, clip_ids_digest, complete;
+                         an extraction's store also clips_written (its commits, see
+                         `ResumableStoreWriter`), and is in HDF5's 1.10 file format
 
 Storage dtypes: float16 (default), float32, and bfloat16, which HDF5 lacks: its bits are stored as
 uint16 (attribute storage_dtype = "bfloat16") and widened exactly to float32 on reading, so a
 model run in bfloat16 is stored without loss.
 
-The writer fills `<name>.partial` and renames it when complete; a reader refuses a file without
-`complete = True`, so a killed extraction never looks finished. `merge_stores` joins stores of
-consecutive clip ranges (shards, or the chunks of a resumable extraction) into one, refusing
-overlaps, gaps and stores made with different settings, and checks what it wrote.
+The writer fills `<name>.partial` (an extraction: a growing file beside it, committed chunk by
+chunk) and renames it when complete; a reader refuses a file without `complete = True`, so a
+killed extraction never looks finished. `merge_stores` joins stores of consecutive clip ranges
+(the shards of an extraction) into one, refusing overlaps, gaps and stores made with different
+settings, and checks what it wrote.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
+import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import h5py
 import numpy as np
@@ -50,6 +56,9 @@ FORMAT_VERSION = 2
 # Attributes that must agree between stores merged into one.
 MERGE_KEYS = ("model_id", "revision", "family", "sample_rate", "frame_rate", "input_regime", "storage_dtype",
               "config_digest", "sites", "towers", "n_clips_total", "clip_ids_digest")
+
+
+log = logging.getLogger(__name__)
 
 
 class IncompleteStoreError(RuntimeError):
@@ -92,12 +101,20 @@ def from_storage(x: np.ndarray, storage_dtype: str) -> np.ndarray:
 
 # --- writing ------------------------------------------------------------------------------------
 class StoreWriter:
+    """Fills a store clip by clip. With `n_rows` (each tower's total frames, when the writer
+    knows them up front, as a merge does) the frame and position matrices are laid out
+    contiguously at their final size, so nothing is resized and a row block is one write;
+    otherwise they grow in chunks as clips come."""
+
+    _libver: str | None = None  # h5py's default file format
+
     def __init__(self, path: str | Path, sites: dict[str, int], clip_ids: list[str], attrs: dict,
-                 storage_dtype: str = "float16", site_attrs: dict[str, dict] | None = None):
+                 storage_dtype: str = "float16", site_attrs: dict[str, dict] | None = None,
+                 n_rows: dict[str, int] | None = None, tmp: str | Path | None = None):
         if storage_dtype not in STORAGE_DTYPES:
             raise ValueError(f"storage_dtype {storage_dtype!r}: choose one of {sorted(STORAGE_DTYPES)}")
         self.path = Path(path)
-        self.tmp = self.path.with_name(self.path.name + ".partial")
+        self.tmp = Path(tmp) if tmp else self.path.with_name(self.path.name + ".partial")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.storage_dtype = storage_dtype
         self.dtype = STORAGE_DTYPES[storage_dtype]
@@ -108,13 +125,19 @@ class StoreWriter:
         self._frame_row = {t: 0 for t in self.towers}
         self._n_frames = {t: np.zeros(self.n_clips, dtype=np.int64) for t in self.towers}
         self._has_positions: dict[str, bool] = {}
-        self.h5 = h5py.File(self.tmp, "w")
+        if n_rows is not None and set(n_rows) != set(self.towers):
+            raise ValueError(f"n_rows names towers {sorted(n_rows)}; the sites' towers are {self.towers}")
+        self.n_rows = None if n_rows is None else {t: int(n) for t, n in n_rows.items()}
+        self.h5 = h5py.File(self.tmp, "w", libver=self._libver)
         self.h5.create_dataset("clip_ids", data=np.array(clip_ids, dtype=object), dtype=h5py.string_dtype())
         for site, d in self.sites.items():
             g = self.h5.create_group(f"sites/{site}")
             g.create_dataset("pooled", shape=(self.n_clips, d), dtype=self.dtype)
-            g.create_dataset("frames", shape=(0, d), maxshape=(None, d), dtype=self.dtype,
-                             chunks=(min(_CHUNK_ROWS, max(1, 2**20 // (4 * d))), d))
+            if self.n_rows is None:
+                g.create_dataset("frames", shape=(0, d), maxshape=(None, d), dtype=self.dtype,
+                                 chunks=(min(_CHUNK_ROWS, max(1, 2**20 // (4 * d))), d))
+            else:
+                g.create_dataset("frames", shape=(self.n_rows[tower_of(site)], d), dtype=self.dtype)
             g.attrs.update((site_attrs or {}).get(site, {}))
         self.h5.attrs.update({k: (json.dumps(v) if isinstance(v, (dict, list, tuple)) else v)
                               for k, v in attrs.items()})
@@ -176,13 +199,16 @@ class StoreWriter:
         for tower in self.towers:
             total = int(np.sum(n_frames[tower]))
             start = self._frame_row[tower]
+            if self.n_rows is not None and start + total > self.n_rows[tower]:
+                raise ValueError(f"tower {tower}: {start + total} frames appended, {self.n_rows[tower]} declared")
             for site in (s for s in self.sites if tower_of(s) == tower):
                 g = self.h5[f"sites/{site}"]
                 if len(rows[site]) != total:
                     raise ValueError(f"site {site}: {len(rows[site])} rows for {total} frames")
                 g["pooled"][self._row:self._row + n] = to_storage(np.asarray(pooled[site]), self.storage_dtype)
                 ds = g["frames"]
-                ds.resize(start + total, axis=0)
+                if self.n_rows is None:
+                    ds.resize(start + total, axis=0)
                 ds[start:start + total] = to_storage(rows[site], self.storage_dtype)
             has = positions is not None and tower in positions
             if self._has_positions.setdefault(tower, has) != has:
@@ -193,33 +219,54 @@ class StoreWriter:
             self._frame_row[tower] = start + total
         self._row += n
 
-    def _append_positions(self, tower: str, cols: dict[str, np.ndarray], start: int, total: int) -> None:
+    def _positions_group(self, tower: str) -> h5py.Group:
         g = self.h5.require_group(f"towers/{tower}/positions")
         if "kind" not in g:
             g.attrs["kinds"] = json.dumps(KINDS)
             for name, dtype in (("kind", np.uint8), ("time", np.float64), ("frame", np.int32),
                                 ("token", h5py.string_dtype())):
-                g.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(16384,))
+                if self.n_rows is None:
+                    g.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(16384,))
+                else:
+                    g.create_dataset(name, shape=(self.n_rows[tower],), dtype=dtype)
+        return g
+
+    def _append_positions(self, tower: str, cols: dict[str, np.ndarray], start: int, total: int) -> None:
+        g = self._positions_group(tower)
         for name in ("kind", "time", "frame", "token"):
             if len(cols[name]) != total:
                 raise ValueError(f"tower {tower}: {len(cols[name])} positions for {total} frames")
-            g[name].resize(start + total, axis=0)
+            if self.n_rows is None:
+                g[name].resize(start + total, axis=0)
             g[name][start:start + total] = np.asarray(cols[name], dtype=object) if name == "token" else cols[name]
 
     def close(self) -> None:
         if self._row != self.n_clips:
             raise ValueError(f"store closed after {self._row} of {self.n_clips} clips")
-        first = self.towers[0] if self.towers else None
-        for tower in self.towers:
-            g = self.h5.require_group(f"towers/{tower}")
-            g.create_dataset("n_frames", data=self._n_frames[tower])
-            g.create_dataset("offsets", data=np.concatenate([[0], np.cumsum(self._n_frames[tower])]))
-        n_frames = self._n_frames[first] if first else np.zeros(self.n_clips, dtype=np.int64)
-        self.h5.create_dataset("n_frames", data=n_frames)
-        self.h5.create_dataset("offsets", data=np.concatenate([[0], np.cumsum(n_frames)]))
+        short = {t: (self._frame_row[t], n) for t, n in (self.n_rows or {}).items() if self._frame_row[t] != n}
+        if short:
+            raise ValueError(f"store closed with frames (written, declared) per tower {short}")
+        self._write_counts(top=True)
         self.h5.attrs["complete"] = True
         self.h5.close()
         os.replace(self.tmp, self.path)
+
+    def _write_counts(self, top: bool) -> None:
+        """Each tower's n_frames and offsets (and, with `top`, the first tower's as the store's)."""
+        first = self.towers[0] if self.towers else None
+        for tower in self.towers:
+            self._put(f"towers/{tower}/n_frames", self._n_frames[tower])
+            self._put(f"towers/{tower}/offsets", np.concatenate([[0], np.cumsum(self._n_frames[tower])]))
+        if top:
+            n_frames = self._n_frames[first] if first else np.zeros(self.n_clips, dtype=np.int64)
+            self._put("n_frames", n_frames)
+            self._put("offsets", np.concatenate([[0], np.cumsum(n_frames)]))
+
+    def _put(self, name: str, data: np.ndarray) -> None:
+        if name in self.h5:
+            self.h5[name][...] = data
+        else:
+            self.h5.create_dataset(name, data=data)
 
     def abort(self) -> None:
         try:
@@ -228,10 +275,158 @@ class StoreWriter:
             self.tmp.unlink(missing_ok=True)
 
 
+class ResumableStoreWriter(StoreWriter):
+    """A store filled over one or more runs in `progress` (a file the caller keeps beside `path`).
+    `commit()` makes the clips appended so far survive a kill: the file is written in HDF5's
+    single-writer mode, whose ordered flushes keep it readable whenever the process dies, and
+    every dataset exists from the start (that mode creates nothing), so a commit only writes rows,
+    the frame counts and the attribute `clips_written`. `resume(...)` reopens an earlier run's
+    progress; `close()` marks the store complete and renames it to `path`, so each row is written
+    once (no merge of chunk files)."""
+
+    _libver = "latest"  # the single-writer mode needs HDF5's 1.10 file format
+
+    def __init__(self, path: str | Path, progress: str | Path, sites: dict[str, int], clip_ids: list[str],
+                 attrs: dict, storage_dtype: str = "float16", site_attrs: dict[str, dict] | None = None):
+        super().__init__(path, sites, clip_ids, attrs, storage_dtype, site_attrs, tmp=progress)
+        for tower in self.towers:
+            self._positions_group(tower)
+        self._write_counts(top=True)
+        self.h5.attrs["clips_written"] = self._committed = 0
+        self.h5.swmr_mode = True
+
+    @property
+    def clips_written(self) -> int:
+        """The clips committed: what a rerun would resume after."""
+        return self._committed
+
+    def commit(self) -> None:
+        """The clips appended so far become what a rerun resumes from."""
+        self.h5.flush()  # the rows first, then the counts that make them part of the store
+        self._write_counts(top=False)
+        self.h5.attrs["clips_written"] = self._committed = self._row
+        self.h5.flush()
+
+    def suspend(self) -> None:
+        """Close without finishing: the committed clips stay for `resume`."""
+        self.h5.close()
+
+    def close(self) -> None:
+        if self._row != self.n_clips:
+            raise ValueError(f"store closed after {self._row} of {self.n_clips} clips")
+        missing = [t for t in self.towers if not self._has_positions.get(t)]
+        if missing:
+            raise ValueError(f"towers {missing}: a resumable store records every tower's positions")
+        super().close()
+
+    @classmethod
+    def resume(cls, path: str | Path, progress: str | Path, same_settings: Callable[[dict], bool],
+               block_rows: int = 1 << 16) -> ResumableStoreWriter | None:
+        """A writer holding the committed clips of the progress file an earlier run left, copied
+        into a fresh file (a file a killed single-writer left cannot be reopened for writing).
+        None, and the file removed, when there is none to use: unreadable, or made with other
+        settings (`same_settings(attrs)` says which)."""
+        progress = Path(progress)
+        fresh = progress.with_name(progress.name + ".resumed")
+        w = None
+        try:
+            with _open_left_behind(progress) as old:
+                attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in old.attrs.items()}
+                if "clips_written" not in attrs or not same_settings(attrs):
+                    raise _Unusable("made with other settings")
+                done = int(attrs["clips_written"])
+                sites = json.loads(attrs["sites"])
+                keep = {k: v for k, v in attrs.items() if k not in ("complete", "clips_written", "storage_dtype",
+                                                                    "sites", "towers", "format_version")}
+                w = cls(path, fresh, {s: old[f"sites/{s}/pooled"].shape[1] for s in sites},
+                        [c.decode() if isinstance(c, bytes) else c for c in old["clip_ids"][:]], keep,
+                        attrs["storage_dtype"], {s: dict(old[f"sites/{s}"].attrs) for s in sites})
+                _copy_clips(old, w, {t: old[f"towers/{t}/offsets"][:done + 1] for t in w.towers}, done, block_rows)
+                w.commit()
+        except BaseException as e:
+            if w is not None:
+                w.abort()
+            no_space = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+            if no_space or not isinstance(e, (OSError, KeyError, ValueError, _Unusable)):
+                raise
+            if progress.exists():  # absent, damaged or of other settings: computed again
+                log.warning("%s is not resumed from (%s); starting over", progress, e)
+                progress.unlink()
+            return None
+        os.replace(fresh, progress)
+        w.tmp = progress
+        return w
+
+
+class _Unusable(Exception):
+    """What an earlier run left cannot be resumed from."""
+
+
+def _open_left_behind(path: Path) -> h5py.File:
+    """Open, read-only, a file a single-writer may have left (its flag stays set when the process
+    was killed, and only a single-writer reader opens it). Such a reader retries a metadata read
+    whose checksum fails 100 times with growing pauses, for minutes on a damaged file, since it
+    takes it for a write in flight; no writer is left, so one attempt is made (the limit is set
+    through the HDF5 library h5py loaded, where it can be found)."""
+    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    fapl.set_libver_bounds(h5py.h5f.LIBVER_LATEST, h5py.h5f.LIBVER_LATEST)
+    set_attempts = _hdf5_function("H5Pset_metadata_read_attempts")
+    if set_attempts is not None:
+        set_attempts.argtypes = [ctypes.c_int64, ctypes.c_uint]
+        set_attempts(fapl.id, 1)
+    return h5py.File(h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDONLY | h5py.h5f.ACC_SWMR_READ, fapl=fapl))
+
+
+def _hdf5_function(name: str):
+    """A function of the HDF5 library this process loaded for h5py (None where none is found)."""
+    candidates = []
+    try:
+        with open("/proc/self/maps") as maps:  # Linux: the very file h5py loaded
+            candidates += [line.split()[-1] for line in maps if "libhdf5" in line and "hdf5_hl" not in line]
+    except OSError:
+        pass
+    here = Path(h5py.__file__).parent
+    candidates += [str(f) for f in [*here.parent.glob("h5py.libs/libhdf5-*"), *here.glob(".dylibs/libhdf5*")]
+                   if "hdf5_hl" not in f.name]
+    for path in dict.fromkeys(candidates):
+        try:
+            return getattr(ctypes.CDLL(path), name)
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+def _copy_clips(h5: h5py.File, w: StoreWriter, offsets: dict[str, np.ndarray], n_clips: int, block_rows: int) -> None:
+    """Append the first `n_clips` clips of an open store (its towers' `offsets`) to `w`, in blocks
+    of about `block_rows` frames, so memory does not grow with the store."""
+    c0 = 0
+    while c0 < n_clips:
+        ends = {t: np.searchsorted(o, o[c0] + block_rows, side="right") - 1 for t, o in offsets.items()}
+        c1 = min(n_clips, max(c0 + 1, min(ends.values())))
+        w.append_rows(*_read_clips(h5, list(w.sites), offsets, c0, c1))
+        c0 = c1
+
+
+def _read_clips(h5: h5py.File, sites: list[str], offsets: dict[str, np.ndarray], c0: int, c1: int):
+    """Clips [c0, c1) of an open store (its towers' `offsets`) as `append_rows` takes them."""
+    n_frames, rows, pooled, positions = {}, {}, {}, {}
+    for t, off in offsets.items():
+        n_frames[t] = np.diff(off[c0:c1 + 1])
+        if f"towers/{t}/positions" in h5:
+            g = h5[f"towers/{t}/positions"]
+            positions[t] = {k: g[k][off[c0]:off[c1]] for k in ("kind", "time", "frame", "token")}
+    for site in sites:
+        off = offsets[tower_of(site)]
+        rows[site] = h5[f"sites/{site}/frames"][off[c0]:off[c1]]
+        pooled[site] = h5[f"sites/{site}/pooled"][c0:c1]
+    return n_frames, rows, pooled, positions or None
+
+
 @contextmanager
-def write_store(path, sites, clip_ids, attrs, storage_dtype="float16", site_attrs=None) -> Iterator[StoreWriter]:
+def write_store(path, sites, clip_ids, attrs, storage_dtype="float16", site_attrs=None,
+                n_rows=None) -> Iterator[StoreWriter]:
     """Write a store; on any error the partial file is removed and nothing appears at `path`."""
-    w = StoreWriter(path, sites, clip_ids, attrs, storage_dtype, site_attrs)
+    w = StoreWriter(path, sites, clip_ids, attrs, storage_dtype, site_attrs, n_rows)
     try:
         yield w
     except BaseException:
@@ -366,17 +561,18 @@ def _attr(store: Store, key: str):
 
 
 def merge_stores(parts: list[str | Path], out_path: str | Path, require_all: bool = False,
-                 chunk_clips: int = 256) -> Path:
+                 block_rows: int = 1 << 16) -> Path:
     """Join stores of consecutive clip ranges into one at `out_path` (written atomically).
     Refuses overlapping or missing ranges, and parts whose settings differ (model, revision,
     dtype, sites, config, manifest). With `require_all`, the ranges must cover the whole manifest.
-    Reads and writes `chunk_clips` clips at a time, so memory does not grow with the store."""
+    Copies about `block_rows` frames at a time, so memory does not grow with the store."""
     stores = []
     for p in parts:  # metadata only: a merge of thousands of chunks must not hold them all open
         with Store(p) as s:  # (each open file keeps ~1 MiB of HDF5 chunk cache, and a descriptor)
             s.dims = {site: s.dim(site) for site in s.sites}
             s.site_meta = {site: s.site_attrs(site) for site in s.sites}
             s.with_positions = {t: f"towers/{t}/positions" in s.h5 for t in s.towers}
+            s.n_rows = {t: int(s.offsets_of(t)[-1]) for t in s.towers}
         stores.append(s)
     if not stores:
         raise MergeError(f"no stores to merge into {out_path}")
@@ -407,34 +603,18 @@ def merge_stores(parts: list[str | Path], out_path: str | Path, require_all: boo
     sites = dict(ref.dims)
     clip_ids = [c for s in stores for c in s.clip_ids]
     attrs = {k: v for k, v in ref.attrs.items()
-             if k not in ("complete", "storage_dtype", "sites", "towers", "format_version")}
+             if k not in ("complete", "clips_written", "storage_dtype", "sites", "towers", "format_version")}
     attrs["clip_range"] = json.dumps([ranges[0][0], ranges[-1][1]])
     with_positions = ref.with_positions
-    with write_store(out_path, sites, clip_ids, attrs, ref.storage_dtype, ref.site_meta) as w:
+    n_rows = {t: sum(s.n_rows[t] for s in stores) for t in ref.towers}
+    with write_store(out_path, sites, clip_ids, attrs, ref.storage_dtype, ref.site_meta, n_rows) as w:
         for meta in stores:
             if meta.with_positions != with_positions:
                 raise MergeError(f"{meta.path} and {ref.path} differ in which towers record positions")
             with Store(meta.path) as s:
-                _copy_part(s, w, with_positions, chunk_clips)
+                _copy_clips(s.h5, w, {t: s.offsets_of(t) for t in s.towers}, len(s.clip_ids), block_rows)
     _verify_merge(stores, Path(out_path))
     return Path(out_path)
-
-
-def _copy_part(s: Store, w: StoreWriter, with_positions: dict, chunk_clips: int) -> None:
-    for c0 in range(0, len(s.clip_ids), chunk_clips):
-        c1 = min(c0 + chunk_clips, len(s.clip_ids))
-        n_frames, rows, pooled, positions = {}, {}, {}, {}
-        for tower in s.towers:
-            off = s.offsets_of(tower)
-            n_frames[tower] = np.diff(off[c0:c1 + 1])
-            if with_positions[tower]:
-                g = s.h5[f"towers/{tower}/positions"]
-                positions[tower] = {k: g[k][off[c0]:off[c1]] for k in ("kind", "time", "frame", "token")}
-        for site in s.sites:
-            off = s.offsets_of(site)
-            rows[site] = s._site(site)["frames"][off[c0]:off[c1]]
-            pooled[site] = s._site(site)["pooled"][c0:c1]
-        w.append_rows(n_frames, rows, pooled, positions or None)
 
 
 def _verify_merge(stores: list[Store], out_path: Path) -> None:
