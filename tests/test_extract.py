@@ -324,3 +324,14 @@ def test_talker_extraction_resumes_from_the_last_chunk_to_the_same_store(monkeyp
     with Store(whole) as a, Store(out) as b:
         for clip in range(len(data)):
             assert a.positions_of("talker", clip).token.tolist() == b.positions_of("talker", clip).token.tolist()
+
+
+def test_the_allocator_setting_takes_effect_where_there_is_glibc():
+    """`keep_freed_memory` (called by CPU extraction) reaches glibc's mallopt here; elsewhere it says no."""
+    import ctypes.util
+    import platform
+
+    from affectlens.extract import keep_freed_memory
+
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc" and ctypes.util.find_library("c")
+    assert keep_freed_memory() is bool(glibc)

@@ -206,6 +206,29 @@ def store_attrs(adapter: Adapter, manifest: pd.DataFrame, config: dict | None, c
     }
 
 
+def keep_freed_memory() -> bool:
+    """Ask glibc's allocator to keep freed memory for reuse rather than hand it back to the system
+    (fixed mmap threshold of 32 MiB, no trimming, the heap grown 1 GiB at a time): between a model's blocks, the hooks' copies of
+    real rows otherwise move its dynamic threshold so that the forward's next large tensors come
+    from fresh pages, each zeroed by a page fault (measured on Whisper base, 16 clips: 120k-700k
+    faults and up to 1.6 s of system time per pass, none once set). The process's peak memory is
+    unchanged; freed memory stays with the process until it exits. False where there is no glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = libc.mallopt if libc is not None else None
+    except (OSError, AttributeError):
+        return False
+    if mallopt is None:
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    return all(mallopt(k, v) for k, v in ((m_mmap_threshold, 32 << 20), (m_trim_threshold, 2**31 - 1),
+                                          (m_top_pad, 1 << 30)))
+
+
 def extract_store(manifest: pd.DataFrame, adapter: Adapter, sites: list[str], out_path: str | Path,
                   load_wave: Callable[[str], np.ndarray] | None = None, batch_size: int = 8,
                   chunk_clips: int = 64, storage_dtype: str = "float16", config: dict | None = None,
@@ -228,6 +251,8 @@ def extract_store(manifest: pd.DataFrame, adapter: Adapter, sites: list[str], ou
     if _generated(adapter, sites):  # how the generation run is made changes what is stored
         config = {**(config or {}), "generation_settings": adapter.generation_settings}
     attrs = store_attrs(adapter, manifest, config, (lo, hi))
+    if attrs["device"] == "cpu":
+        keep_freed_memory()
 
     parts_dir = out_path.with_name(out_path.name + ".parts")
     growing = parts_dir / "store.h5"
