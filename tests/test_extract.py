@@ -326,12 +326,17 @@ def test_talker_extraction_resumes_from_the_last_chunk_to_the_same_store(monkeyp
             assert a.positions_of("talker", clip).token.tolist() == b.positions_of("talker", clip).token.tolist()
 
 
-def test_the_allocator_setting_takes_effect_where_there_is_glibc():
-    """`keep_freed_memory` (called by CPU extraction) reaches glibc's mallopt here; elsewhere it says no."""
+def test_the_allocator_setting_takes_effect_where_there_is_glibc(clips, tmp_path, monkeypatch):
+    """`keep_freed_memory` reaches glibc's mallopt here (elsewhere it says no), and CPU extraction
+    calls it."""
     import ctypes.util
     import platform
 
-    from affectlens.extract import keep_freed_memory
+    import affectlens.extract as extract
 
     glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc" and ctypes.util.find_library("c")
-    assert keep_freed_memory() is bool(glibc)
+    assert extract.keep_freed_memory() is bool(glibc)
+    calls = []
+    monkeypatch.setattr(extract, "keep_freed_memory", lambda: calls.append(1) or True)
+    run(tiny_adapter(), clips, tmp_path / "s.h5")
+    assert calls == [1]

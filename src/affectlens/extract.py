@@ -186,10 +186,9 @@ class RealRows:
             # float64 sums: a clip's mean must not depend on where its rows sit in the batch's buffer
             # (a mean per slice: ~10x faster than np.add.reduceat along axis 0)
             pooled = np.stack([rows32[a:b].mean(0, dtype=np.float64) for a, b in zip(ends - n, ends)])
-            stored = to_storage_torch(rows, self.storage_dtype)  # ~8x faster than numpy's cast to float16
         else:  # on the accelerator: reduce there, move only real rows in the stored dtype
             pooled = torch.stack([r.float().mean(0) for r in rows.split(n)]).cpu().numpy()
-            stored = to_storage_torch(rows, self.storage_dtype)
+        stored = to_storage_torch(rows, self.storage_dtype)  # on the CPU ~8x faster than numpy's cast to float16
         return np.split(stored, ends[:-1]), pooled.astype(np.float32)
 
 
@@ -208,20 +207,19 @@ def store_attrs(adapter: Adapter, manifest: pd.DataFrame, config: dict | None, c
 
 def keep_freed_memory() -> bool:
     """Ask glibc's allocator to keep freed memory for reuse rather than hand it back to the system
-    (fixed mmap threshold of 32 MiB, no trimming, the heap grown 1 GiB at a time): between a model's blocks, the hooks' copies of
-    real rows otherwise move its dynamic threshold so that the forward's next large tensors come
-    from fresh pages, each zeroed by a page fault (measured on Whisper base, 16 clips: 120k-700k
-    faults and up to 1.6 s of system time per pass, none once set). The process's peak memory is
-    unchanged; freed memory stays with the process until it exits. False where there is no glibc."""
+    (fixed mmap threshold of 32 MiB, no trimming, the heap grown 1 GiB at a time): between a
+    model's blocks, the hooks' copies of real rows otherwise move its dynamic threshold so that the
+    forward's next large tensors come from fresh pages, each zeroed by a page fault (measured on
+    Whisper base, 16 clips: 120k-700k faults and up to 1.6 s of system time per pass, none once
+    set). Freed memory stays with the process until it exits. False where there is no glibc."""
     import ctypes
     import ctypes.util
 
     name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name) if name else None
-        mallopt = libc.mallopt if libc is not None else None
+        mallopt = ctypes.CDLL(name).mallopt if name else None
     except (OSError, AttributeError):
-        return False
+        mallopt = None
     if mallopt is None:
         return False
     m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
